@@ -1,0 +1,212 @@
+"""The job file: typed, validated settings for one growth run.
+
+A job file is YAML with the sections below; every setting has a default, so
+a job names only what it changes. Unknown keys are errors that name the key
+and suggest the nearest known one; out-of-range values name the setting and
+the allowed range. ``--set section.key=value`` on the command line overrides
+any setting (the value is parsed as YAML).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from runner.errors import RunnerError
+
+GROWTH_OPS = ("widen_conv", "widen_dense", "deepen_conv", "deepen_block",
+              "plain_copy", "fresh")
+
+
+@dataclass
+class DataConfig:
+    root: str = "../shared/datasets/cats_dogs"  # image folder (training_set/, test_set/)
+    shards: str | None = None      # Parquet shards; default <storage>/data
+    base_size: int = 72            # px, stored size; random crops stay inside it
+    image_size: int = 64           # px, what the network sees
+    val_fraction: float = 0.1      # of training_set, held out for selection
+
+    def validate(self) -> None:
+        _positive("data.base_size", self.base_size)
+        _positive("data.image_size", self.image_size)
+        if self.image_size > self.base_size:
+            raise RunnerError(
+                f"data.image_size ({self.image_size}) must not exceed "
+                f"data.base_size ({self.base_size})")
+        if not 0 < self.val_fraction < 1:
+            raise RunnerError(
+                f"data.val_fraction must be between 0 and 1, got {self.val_fraction}")
+
+
+@dataclass
+class AugmentConfig:
+    views_per_epoch: int = 1       # augmented views of each image per epoch
+    flip: bool = True              # mirror left-right with probability 1/2
+    zoom: float = 0.2              # crop area in [1 - zoom, 1] of the base image
+    rotation: float = 15.0         # degrees, uniform in [-rotation, rotation]
+    shear: float = 0.2             # shear angle in radians-ish units, as Keras
+    cpus: float | None = None      # CPUs for augmentation workers; None = auto
+
+    def validate(self) -> None:
+        _positive("augment.views_per_epoch", self.views_per_epoch)
+        if not 0 <= self.zoom < 1:
+            raise RunnerError(f"augment.zoom must be in [0, 1), got {self.zoom}")
+        if not 0 <= self.rotation <= 180:
+            raise RunnerError(
+                f"augment.rotation must be in [0, 180] degrees, got {self.rotation}")
+        if self.cpus is not None:
+            _positive("augment.cpus", self.cpus)
+
+
+@dataclass
+class TrainConfig:
+    workers: int = 2               # Ray Train workers per trial (data parallel)
+    cpus_per_worker: float | None = None  # None = auto (see runner.resources)
+    batch_size: int = 64           # per worker
+    lr: float = 1e-3               # Adam learning rate
+    weight_decay: float = 0.0
+
+    def validate(self) -> None:
+        _positive("train.workers", self.workers)
+        _positive("train.batch_size", self.batch_size)
+        _positive("train.lr", self.lr)
+        if self.cpus_per_worker is not None:
+            _positive("train.cpus_per_worker", self.cpus_per_worker)
+
+
+@dataclass
+class StageConfig:
+    name: str
+    epochs: int = 1                # epochs per trial
+    model: str | None = None       # first stage: a spec name or JSON file
+    variants: list[dict] = field(default_factory=list)  # later stages: ops
+    lr: list[float] | None = None  # grid of learning rates; None = train.lr
+
+    def validate(self, index: int) -> None:
+        where = f"stages[{index}] ({self.name})"
+        _positive(f"{where}.epochs", self.epochs)
+        if index == 0 and not self.model:
+            raise RunnerError(f"{where}: the first stage needs `model:` (a spec)")
+        if index > 0 and not self.variants:
+            raise RunnerError(f"{where}: a growth stage needs `variants:`")
+        for v in self.variants:
+            op = v.get("op") if isinstance(v, dict) else None
+            if op not in GROWTH_OPS:
+                raise RunnerError(
+                    f"{where}: variant {v!r} needs `op:` one of {', '.join(GROWTH_OPS)}")
+        for lr in self.lr or []:
+            _positive(f"{where}.lr", lr)
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None     # None: RAY_ADDRESS, a running local cluster, or start one
+    num_cpus: int | None = None    # CPUs of a cluster we start; None = all
+
+
+@dataclass
+class JobConfig:
+    name: str = "cats_dogs"
+    storage: str = "runs/cats_dogs"  # run root: a folder or a pyarrow URI (s3://...)
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    stages: list[StageConfig] = field(default_factory=list)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def validate(self) -> "JobConfig":
+        self.data.validate()
+        self.augment.validate()
+        self.train.validate()
+        if not self.stages:
+            raise RunnerError("the job has no `stages:`")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise RunnerError(f"stage names must be unique, got {names}")
+        for i, stage in enumerate(self.stages):
+            stage.validate(i)
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise RunnerError(f"{name} must be a positive number, got {value!r}")
+
+
+_SECTIONS = {"data": DataConfig, "augment": AugmentConfig, "train": TrainConfig,
+             "ray": RayConfig}
+
+
+def _build(cls, raw: Any, where: str):
+    """Make dataclass ``cls`` from a mapping, refusing unknown keys by name."""
+    if not isinstance(raw, dict):
+        raise RunnerError(f"{where} must be a mapping, got {type(raw).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            hint = difflib.get_close_matches(str(key), known, n=1)
+            did = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise RunnerError(f"unknown setting {where}.{key}{did}".replace(
+                "job.", "", 1))
+    kwargs = {}
+    for key, value in raw.items():
+        if key in _SECTIONS and cls is JobConfig:
+            value = _build(_SECTIONS[key], value or {}, f"job.{key}")
+        elif key == "stages" and cls is JobConfig:
+            if not isinstance(value, list):
+                raise RunnerError("stages must be a list")
+            value = [_build(StageConfig, s, f"job.stages[{i}]")
+                     for i, s in enumerate(value)]
+        elif key == "lr" and cls is StageConfig and not isinstance(value, list):
+            value = [value]
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise RunnerError(f"{where}: {err}") from err
+
+
+def _apply_override(raw: dict, assignment: str) -> None:
+    if "=" not in assignment:
+        raise RunnerError(f"--set {assignment!r}: expected key=value")
+    dotted, text = assignment.split("=", 1)
+    *parents, leaf = dotted.strip().split(".")
+    node = raw
+    for part in parents:
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            raise RunnerError(f"--set {dotted}: no section {part!r}")
+    if isinstance(node, list):
+        raise RunnerError(f"--set {dotted}: {leaf!r} is not a list index in range")
+    node[leaf] = yaml.safe_load(text)
+
+
+def load_job(path: str, overrides: list[str] = ()) -> JobConfig:
+    """Read, override and validate a job file; relative paths are resolved
+    against the current directory (where the command runs)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise RunnerError(f"job file {path}: no such file") from None
+    except yaml.YAMLError as err:
+        raise RunnerError(f"job file {path}: not valid YAML ({err})") from err
+    if not isinstance(raw, dict):
+        raise RunnerError(f"job file {path}: expected a mapping at the top")
+    for assignment in overrides:
+        _apply_override(raw, assignment)
+    job = _build(JobConfig, raw, "job").validate()
+    job.data.root = os.path.abspath(job.data.root)
+    return job

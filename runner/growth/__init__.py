@@ -1,0 +1,1 @@
+"""The growth loop: stages of Tune experiments over variants of a parent."""

@@ -1,0 +1,70 @@
+import pytest
+
+from runner.config import load_job
+from runner.errors import RunnerError
+
+JOB = """
+name: t
+storage: {storage}
+data: {{root: /data}}
+stages:
+  - {{name: seed, model: classifier_1, epochs: 1}}
+  - name: grow
+    epochs: 1
+    variants: [{{op: plain_copy, to: classifier_2}}, {{op: deepen_block}}]
+"""
+
+
+def write(tmp_path, text=None, **fmt):
+    path = tmp_path / "job.yaml"
+    path.write_text(text if text is not None else JOB.format(storage=tmp_path / "run"))
+    return str(path)
+
+
+def test_the_shipped_job_file_loads():
+    job = load_job("jobs/cats_dogs.yaml")
+    assert job.stages[0].model == "classifier_1"
+    assert len(job.stages[1].variants) >= 2
+
+
+def test_overrides_reach_nested_and_listed_settings(tmp_path):
+    job = load_job(write(tmp_path), ["stages.1.epochs=3", "train.workers=4",
+                                     "data.root=/elsewhere"])
+    assert (job.stages[1].epochs, job.train.workers, job.data.root) == \
+        (3, 4, "/elsewhere")
+
+
+def test_unknown_key_is_named_with_a_suggestion(tmp_path):
+    path = write(tmp_path, JOB.format(storage="x").replace("name: t", "name: t\nseeed: 1"))
+    with pytest.raises(RunnerError, match=r"unknown setting seeed.*did you mean 'seed'"):
+        load_job(path)
+
+
+def test_unknown_nested_key(tmp_path):
+    with pytest.raises(RunnerError, match=r"train.wokers.*'workers'"):
+        load_job(write(tmp_path), ["train.wokers=2"])
+
+
+@pytest.mark.parametrize("override, words", [
+    ("stages.0.epochs=0", "epochs must be a positive"),
+    ("train.workers=-1", "train.workers must be a positive"),
+    ("data.image_size=0", "data.image_size must be a positive"),
+    ("data.image_size=100", "must not exceed data.base_size"),
+    ("train.batch_size=abc", "train.batch_size must be a positive"),
+    ("data.val_fraction=1.5", "val_fraction"),
+])
+def test_bad_values_are_refused_by_name(tmp_path, override, words):
+    with pytest.raises(RunnerError, match=words):
+        load_job(write(tmp_path), [override])
+
+
+def test_growth_stage_needs_known_ops(tmp_path):
+    with pytest.raises(RunnerError, match="op:` one of"):
+        load_job(write(tmp_path), ["stages.1.variants=[{op: grow_wings}]"])
+
+
+def test_missing_and_malformed_job_files(tmp_path):
+    with pytest.raises(RunnerError, match="no such file"):
+        load_job(str(tmp_path / "nope.yaml"))
+    with pytest.raises(RunnerError, match="not valid YAML"):
+        load_job(write(tmp_path, "stages: [unclosed"))
