@@ -1,0 +1,135 @@
+"""Save and load model weights safely.
+
+A checkpoint is a local folder of three files: ``model.pt`` (a dict of plain
+CPU tensors, nothing else), ``spec.json`` and ``meta.json`` (the caller's
+metadata plus the sha256 of ``model.pt``). Loading checks the hash first, then
+unpickles with ``weights_only=True``, so a checkpoint cannot run code: a
+pickle that asks for anything but tensors is refused
+(https://pytorch.org/docs/stable/generated/torch.load.html).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from runner.errors import RunnerError
+from runner.model.growth import check_compatible
+from runner.model.spec import ModelSpec
+
+FILES = ("model.pt", "spec.json", "meta.json")
+# DistributedDataParallel wraps as `module.`, torch.compile as `_orig_mod.`
+PREFIXES = ("module.", "_orig_mod.")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Write to a temporary sibling, then rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    try:
+        text = json.dumps(data, indent=2, sort_keys=True)
+    except (TypeError, ValueError) as err:
+        raise RunnerError(f"cannot write {path}: not JSON ({err})") from err
+    _write_atomic(path, lambda p: p.write_text(text + "\n", encoding="utf-8"))
+
+
+def _plain_tensors(state_dict: dict) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU copies; anything else in the dict is refused."""
+    bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise RunnerError(f"state dict entries are not tensors: {', '.join(bad)}")
+    # contiguous() also turns channels_last weights back into the plain layout
+    return {str(k): v.detach().cpu().contiguous().clone()
+            for k, v in state_dict.items()}
+
+
+def save_checkpoint(directory, spec: ModelSpec, state_dict: dict, meta: dict) -> Path:
+    """Write model.pt, spec.json and meta.json (with model.pt's sha256)."""
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = _plain_tensors(state_dict)
+    _write_atomic(folder / "model.pt", lambda p: torch.save(tensors, p))
+    _write_json(folder / "spec.json", spec.to_dict())
+    digest = _sha256(folder / "model.pt")
+    _write_json(folder / "meta.json", {**meta, "sha256": digest})
+    return folder
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise RunnerError(f"cannot read {path}: {err}") from err
+    if not isinstance(data, dict):
+        raise RunnerError(f"{path} must hold a JSON object")
+    return data
+
+
+def _load_tensors(path: Path) -> dict:
+    """weights_only unpickling; anything that is not a dict of tensors is refused."""
+    try:
+        data = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:  # unpickling raises many types; all mean "unsafe"
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+        raise RunnerError(
+            f"refused to load {path}: not plain tensors ({reason})") from err
+    if not isinstance(data, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()
+    ):
+        raise RunnerError(f"refused to load {path}: expected a dict of named tensors")
+    return data
+
+
+def normalise_keys(state_dict: dict) -> dict:
+    """Strip DDP (``module.``) and torch.compile (``_orig_mod.``) prefixes."""
+    out = {}
+    for key, value in state_dict.items():
+        name = key
+        while name.startswith(PREFIXES):
+            name = name.split(".", 1)[1]
+        if name in out:
+            raise RunnerError(f"two tensors map to {name!r} without prefixes")
+        out[name] = value
+    return out
+
+
+def load_checkpoint(directory) -> tuple[ModelSpec, dict, dict]:
+    """Read a checkpoint folder back: (spec, state_dict, meta), all verified."""
+    folder = Path(directory)
+    missing = [name for name in FILES if not (folder / name).is_file()]
+    if missing:
+        raise RunnerError(f"checkpoint {folder} is missing {', '.join(missing)}")
+    meta = _read_json(folder / "meta.json")
+    model_path = folder / "model.pt"
+    expected = meta.get("sha256")
+    if not isinstance(expected, str):
+        raise RunnerError(f"{folder / 'meta.json'} has no sha256 for {model_path}")
+    if _sha256(model_path) != expected:
+        raise RunnerError(f"{model_path} is corrupt or truncated: sha256 differs "
+                          "from meta.json")
+    try:
+        spec = ModelSpec.from_dict(_read_json(folder / "spec.json"))
+    except RunnerError as err:
+        raise RunnerError(f"{folder / 'spec.json'}: {err}") from err
+    state_dict = normalise_keys(_load_tensors(model_path))
+    check_compatible(spec, state_dict)
+    return spec, state_dict, meta
