@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 
 from runner.config import JobConfig
+from runner.data.pipeline import READ_CPUS
 from runner.errors import RunnerError
 
 AUG_SHARE = 0.25          # of the cluster's CPUs, when augment.cpus is not set
@@ -54,5 +55,5 @@ def plan(job: JobConfig, cluster_cpus: float) -> Plan:
             f"{max(per_worker, MIN_WORKER_CPUS):g} + {aug:g} for augmentation) but "
             f"the Ray cluster has {cluster_cpus:g}: lower train.workers, "
             f"train.cpus_per_worker or augment.cpus, or add nodes")
-    actors = max(1, int(aug // AUG_ACTOR_CPUS))
+    actors = max(1, int((aug - READ_CPUS) // AUG_ACTOR_CPUS))
     return Plan(workers, per_worker, max(1, int(per_worker)), aug, actors)

@@ -1,0 +1,226 @@
+"""One growth stage: a Ray Tune experiment over the variants of a parent.
+
+Each trial is a small function (the *trial driver*, 0 CPUs) that
+
+1. builds the child: loads the parent checkpoint, applies the variant's growth
+   op, measures the output drift on validation images, and stores the child's
+   starting weights and its transfer report under the stage folder;
+2. runs a Ray Train ``TorchTrainer`` on the child with the augmented stream,
+   forwarding every epoch's metrics to Tune (``TuneReportCallback``), where
+   ASHA may stop a weak trial after its grace period.
+
+The stage folder ``<root>/<stage>/`` holds Tune's experiment (results,
+progress.csv, TensorBoard event files), ``train/<trial>/epoch-NNN`` (the
+checkpoints) and ``init/<trial>/`` (the transferred weights and report).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+import ray
+from ray import tune
+from ray.train import (CheckpointConfig, DataConfig, FailureConfig, RunConfig,
+                       ScalingConfig)
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+
+from runner import storage
+from runner.config import AugmentConfig, JobConfig
+from runner.data.pipeline import READ_CPUS, build_dataset, decode_pixels, eval_view, split_mask
+from runner.growth.variants import best_epoch, stage_variants, variant_label
+from runner.model import build_model, get_spec
+from runner.model.checkpoint import load_checkpoint, save_checkpoint
+from runner.model.growth import apply_op, measure_drift
+from runner.resources import Plan
+from runner.train.loop import train_loop, worker_env
+
+log = logging.getLogger(__name__)
+
+DRIFT_IMAGES = 256  # validation images the transfer drift is measured on
+
+
+def run_stage(job: JobConfig, index: int, parent: dict | None, manifest: dict,
+              plan: Plan, root: storage.Location) -> list[dict]:
+    """Run stage ``index`` and return one record per trial (see
+    :func:`trial_record`)."""
+    stage = job.stages[index]
+    variants = stage_variants(stage, index)
+    lrs = stage.lr or [job.train.lr]
+    context = {"job": job.to_dict(), "stage": stage.name, "index": index,
+               "parent": parent, "manifest": manifest, "plan": plan.__dict__,
+               "root": root.uri}
+    trainable = tune.with_parameters(_trial, context=context)
+    param_space = {"variant": tune.grid_search(variants), "lr": tune.grid_search(lrs)}
+    tuner = _tuner(trainable, param_space, stage.name, stage.epochs, root)
+    results = tuner.fit()
+    return [trial_record(r, root, stage.name) for r in results]
+
+
+def _tuner(trainable, param_space, name: str, epochs: int, root: storage.Location):
+    exp = root.join(name)
+    # The trial driver only waits on its TorchTrainer: it holds no CPU, only
+    # a token of memory (Tune refuses an empty request).
+    trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 64 * 2**20})
+    if tune.Tuner.can_restore(exp.uri, storage_filesystem=root.fs if not root.is_local else None):
+        # A driver that died mid-stage: finished trials are kept, interrupted
+        # ones continue from their last checkpoint.
+        log.info("resuming stage %s from %s", name, exp.uri)
+        return tune.Tuner.restore(exp.uri, trainable, resume_errored=True,
+                                  storage_filesystem=None if root.is_local else root.fs)
+    # ASHA's grace period: a grown network often dips for its first steps, so
+    # no trial is judged before it has finished an epoch.
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs,
+                              grace_period=1, reduction_factor=2)
+    return tune.Tuner(
+        trainable, param_space=param_space,
+        tune_config=tune.TuneConfig(metric="val_acc", mode="max", scheduler=scheduler,
+                                    max_concurrent_trials=1,
+                                    trial_name_creator=_trial_name,
+                                    trial_dirname_creator=_trial_name),
+        run_config=tune.RunConfig(
+            name=name, storage_path=root.path if not root.is_local else root.uri,
+            storage_filesystem=None if root.is_local else root.fs, verbose=0),
+    )
+
+
+def trial_name(config: dict) -> str:
+    return f"{variant_label(config['variant'])}-lr{config['lr']:g}"
+
+
+def _trial_name(trial) -> str:
+    return trial_name(trial.config)
+
+
+def _trial(config: dict, context: dict) -> None:
+    """The trial driver: prepare the child, then train it under Ray Train."""
+    job_d, plan = context["job"], context["plan"]
+    name = trial_name(config)
+    root = storage.resolve(context["root"])
+    init = root.join(context["stage"], "init", name)
+    spec, frozen = _prepare_child(config["variant"], context, init)
+
+    data = job_d["data"]
+    shards, fs = _shard_paths(context, "train")
+    common = dict(val_fraction=data["val_fraction"], base_size=data["base_size"],
+                  image_size=data["image_size"], actor_cpus=_actor_cpus(plan),
+                  max_actors=plan["aug_actors"])
+    datasets = {"train": build_dataset(shards, fs, "train",
+                                       augment=AugmentConfig(**job_d["augment"]),
+                                       **common)}
+    loop_config = {
+        "spec": spec.to_dict(), "init_checkpoint": init.uri,
+        "epochs": job_d["stages"][context["index"]]["epochs"], "lr": config["lr"],
+        "weight_decay": job_d["train"]["weight_decay"],
+        "batch_size": job_d["train"]["batch_size"],
+        "views_per_epoch": job_d["augment"]["views_per_epoch"],
+        "threads": plan["threads_per_worker"], "trial": name,
+        "val": {"manifest": context["manifest"], "val_fraction": data["val_fraction"],
+                "image_size": data["image_size"]},
+        "frozen": frozen, "freeze_epochs": config["variant"].get("freeze_epochs", 0),
+    }
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=loop_config, datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+        scaling_config=ScalingConfig(
+            num_workers=plan["workers"],
+            resources_per_worker={"CPU": plan["cpus_per_worker"]}),
+        run_config=RunConfig(
+            name=name,
+            storage_path=root.join(context["stage"], "train").uri if root.is_local
+            else root.join(context["stage"], "train").path,
+            storage_filesystem=None if root.is_local else root.fs,
+            callbacks=[TuneReportCallback()],
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
+            failure_config=FailureConfig(max_failures=2),
+            worker_runtime_env={"env_vars": worker_env(plan["threads_per_worker"])}),
+    )
+    trainer.fit()
+
+
+def _actor_cpus(plan: dict) -> float:
+    return (plan["aug_cpus"] - READ_CPUS) / plan["aug_actors"]
+
+
+def _shard_paths(context: dict, split: str):
+    manifest = context["manifest"]
+    loc = storage.resolve(manifest["location"])
+    return [loc.join(p).path for p in manifest["shards"][split]], loc.fs
+
+
+def _prepare_child(variant: dict, context: dict, init: storage.Location):
+    """Build the child's starting weights for ``variant`` and store them with
+    the transfer report under ``init``. Returns (spec, tensors to freeze)."""
+    if variant["op"] == "scratch":
+        spec = get_spec(variant["model"])
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(tmp, spec, build_model(spec).state_dict(), {"epoch": 0})
+            storage.upload_dir(tmp, init)
+        return spec, []
+    with tempfile.TemporaryDirectory() as tmp:
+        parent = storage.resolve(context["parent"]["checkpoint"])
+        p_spec, p_state, _ = load_checkpoint(storage.download_dir(parent, tmp + "/p"))
+        params = {k: v for k, v in variant.items() if k not in ("op", "freeze_epochs")}
+        if "to" in params:
+            params["target_spec"] = get_spec(params.pop("to"))
+        spec, state, report = apply_op(p_spec, p_state, variant["op"], **params)
+        images, labels = _drift_batch(context)
+        measure_drift(p_spec, p_state, spec, state, images, labels, report)
+        log.info("transfer %s -> %s\n%s", p_spec.name, spec.name, report.format())
+        out = tmp + "/child"
+        save_checkpoint(out, spec, state, {"epoch": 0, "transfer": report.to_dict()})
+        storage.upload_dir(out, init)
+    frozen = [t["name"] for t in report.to_dict()["tensors"] if t["status"] == "copied"]
+    return spec, frozen
+
+
+def _drift_batch(context: dict):
+    """Up to DRIFT_IMAGES validation images, eval view, from the first shards."""
+    paths, fs = _shard_paths(context, "train")
+    data = context["job"]["data"]
+    images, labels = [], []
+    for path in paths:
+        table = pq.read_table(path, filesystem=fs, columns=["image", "label", "fold"])
+        table = table.filter(split_mask(table["fold"], "val", data["val_fraction"]))
+        images.append(decode_pixels(table["image"].combine_chunks(), data["base_size"]))
+        labels.append(table["label"].to_numpy())
+        if sum(map(len, labels)) >= DRIFT_IMAGES:
+            break
+    pixels = np.concatenate(images)[:DRIFT_IMAGES]
+    y = np.concatenate(labels)[:DRIFT_IMAGES]
+    return eval_view(pixels, data["image_size"]), torch.from_numpy(y).float()
+
+
+def trial_record(result, root: storage.Location, stage: str) -> dict:
+    """What the lineage keeps of one trial: its variant, every epoch's metrics,
+    its best epoch and checkpoint, its compute, and its transfer report."""
+    cfg = result.config
+    name = trial_name(cfg)
+    df = result.metrics_dataframe
+    keep = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc",
+            "images_per_s", "data_wait_frac", "flops", "cpu_s", "wall_s",
+            "images_seen", "checkpoint_path"]
+    epochs = [] if df is None or "val_acc" not in df else \
+        df[[k for k in keep if k in df]].to_dict("records")
+    record = {"name": name, "variant": cfg["variant"], "lr": cfg["lr"],
+              "status": "error" if result.error else "done",
+              "error": str(result.error).splitlines()[0] if result.error else None,
+              "epochs": epochs, "transfer": _transfer_report(root, stage, name)}
+    if epochs:
+        best = best_epoch(epochs)
+        record["best"] = {"epoch": best["epoch"], "val_acc": best["val_acc"],
+                          "flops": best["flops"], "checkpoint": best["checkpoint_path"]}
+        last = epochs[-1]
+        record["compute"] = {k: last[k] for k in ("flops", "cpu_s", "wall_s")}
+    return record
+
+
+def _transfer_report(root: storage.Location, stage: str, name: str):
+    meta = root.join(stage, "init", name, "meta.json")
+    return storage.read_json(meta).get("transfer") if storage.exists(meta) else None

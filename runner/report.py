@@ -1,0 +1,53 @@
+"""The run's story, from ``lineage.json`` alone: stages, trials, winners,
+test accuracy and the compute spent."""
+
+from __future__ import annotations
+
+from runner import storage
+
+
+def _gflop(x: float) -> str:
+    return f"{x / 1e12:.2f} TFLOP"
+
+
+def _trial_line(trial: dict, winner: str) -> str:
+    mark = "*" if trial["name"] == winner else " "
+    if not trial.get("epochs"):
+        return f"  {mark} {trial['name']:<40} failed: {trial.get('error')}"
+    best, c = trial["best"], trial["compute"]
+    drift = ""
+    if trial.get("transfer") and trial["transfer"].get("acc_child") is not None:
+        t = trial["transfer"]
+        drift = (f"  transfer: val acc {t['acc_parent']:.3f} -> {t['acc_child']:.3f},"
+                 f" max |dlogit| {t['max_abs_logit_diff']:.3g}")
+    return (f"  {mark} {trial['name']:<40} val_acc {best['val_acc']:.4f} "
+            f"(epoch {best['epoch']}/{len(trial['epochs'])})  {_gflop(c['flops'])} "
+            f"{c['cpu_s']:.0f} cpu-s {c['wall_s']:.0f} s{drift}")
+
+
+def format_report(lineage: dict) -> str:
+    lines = [f"run {lineage['run']} at {lineage['storage']}"
+             f"{'' if lineage.get('finished') else ' (unfinished)'}"]
+    counts = lineage["data"]["counts"]
+    lines.append("data: " + ", ".join(
+        f"{split} {sum(c.values())} ({', '.join(f'{k} {v}' for k, v in c.items())})"
+        for split, c in counts.items()))
+    for stage in lineage["stages"]:
+        parent = stage["parent"]
+        origin = f"from {parent['stage']}/{parent['trial']}" if parent else "from scratch"
+        lines.append(f"\nstage {stage['index']} {stage['name']} ({origin})")
+        lines += [_trial_line(t, stage["winner"]) for t in stage["trials"]]
+        test, path = stage["test"], stage["path_compute"]
+        per_class = ", ".join(f"{k} {v:.3f}" for k, v in test["per_class"].items())
+        lines.append(f"  winner {stage['winner']}: val_acc {stage['val_acc']:.4f}, "
+                     f"test_acc {test['accuracy']:.4f} on {test['images']} images "
+                     f"({per_class})")
+        lines.append(f"  path compute so far: {_gflop(path['flops'])}, "
+                     f"{path['cpu_s']:.0f} cpu-s, {path['wall_s']:.0f} s; "
+                     f"checkpoint {stage['checkpoint']}")
+    return "\n".join(lines)
+
+
+def report(run: str) -> str:
+    root = storage.resolve(run)
+    return format_report(storage.read_json(root.join("lineage.json")))

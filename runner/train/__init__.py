@@ -1,0 +1,1 @@
+"""Training under Ray Train: the per-worker loop and its metrics."""

@@ -1,0 +1,227 @@
+"""The per-worker training loop that Ray Train runs in every worker.
+
+Each worker builds the child network from its spec, loads its starting
+weights (the transfer the trial prepared, or the worker group's own last
+checkpoint after a restart), wraps it in DDP (gloo on CPU) and trains on its
+shard of the augmented training stream. After every epoch all workers agree
+on one flat metrics dict (summed with all-reduce), rank 0 attaches a
+checkpoint, and every worker reports, so Ray Train (and Tune above it) sees
+one result per epoch.
+
+Compute is counted where it is spent: training FLOPs are the analytic cost of
+one image (forward + backward) times the images seen by all workers;
+CPU-seconds are the training processes' own CPU time (augmentation workers are
+not included: see ``runner.resources`` for how their share is sized).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import ray.train
+import ray.train.torch
+
+from runner import storage
+from runner.data.pipeline import eval_view
+from runner.evaluate import load_split
+from runner.model import ModelSpec, build_model, train_flops_per_image
+from runner.model.checkpoint import load_checkpoint, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+# Counters summed over workers after each epoch.
+_SUMS = ("loss_sum", "correct", "seen", "val_loss_sum", "val_correct",
+         "val_seen", "cpu_s", "wait_s", "step_s")
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train entry point; ``config`` is built by ``runner.growth.stage``."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(config["threads"])
+    spec = ModelSpec.from_dict(config["spec"])
+    model, start_epoch, totals = _initial_state(spec, config)
+    model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"],
+                                 weight_decay=config.get("weight_decay", 0.0))
+    flops_per_image = train_flops_per_image(spec)
+
+    for epoch in range(start_epoch, config["epochs"]):
+        t0 = time.perf_counter()
+        _set_frozen(model, config.get("frozen", []), epoch < config.get("freeze_epochs", 0))
+        counts = _train_epoch(model, optimizer, config)
+        counts.update(_evaluate(model, config))
+        counts = _all_reduce(counts)
+        wall = time.perf_counter() - t0
+        totals = _accumulate(totals, counts, wall, flops_per_image)
+        metrics = _metrics(epoch + 1, counts, totals, wall)
+        _report(metrics, spec, model, epoch + 1, totals, config)
+
+
+def _initial_state(spec: ModelSpec, config: dict):
+    """Weights to start from: our own last checkpoint after a restart, else the
+    transfer prepared by the trial, else a fresh network."""
+    model = build_model(spec)
+    totals = {"flops": 0.0, "cpu_s": 0.0, "wall_s": 0.0, "images": 0}
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            _, state, meta = load_checkpoint(d)
+        model.load_state_dict(state)
+        return model, meta["epoch"], meta["totals"]
+    if config.get("init_checkpoint"):
+        with tempfile.TemporaryDirectory() as tmp:
+            init = storage.resolve(config["init_checkpoint"])
+            _, state, _ = load_checkpoint(storage.download_dir(init, tmp))
+        model.load_state_dict(state)
+    return model, 0, totals
+
+
+def _set_frozen(model, names: list[str], frozen: bool) -> None:
+    """Freeze the transferred tensors for the first epochs, if asked."""
+    if not names:
+        return
+    wanted = set(names)
+    for name, param in model.named_parameters():
+        if name.removeprefix("module.") in wanted:
+            param.requires_grad_(not frozen)
+
+
+def _to_input(images: torch.Tensor) -> torch.Tensor:
+    x = images.float().div_(255)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def _train_epoch(model, optimizer, config: dict) -> dict:
+    model.train()
+    shard = ray.train.get_dataset_shard("train")
+    c = dict.fromkeys(_SUMS, 0.0)
+    cpu0 = time.process_time()
+    for _ in range(config["views_per_epoch"]):
+        batches = iter(shard.iter_torch_batches(batch_size=config["batch_size"],
+                                                device="cpu"))
+        while True:
+            t_wait = time.perf_counter()
+            batch = next(batches, None)
+            t_step = time.perf_counter()
+            c["wait_s"] += t_step - t_wait
+            if batch is None:
+                break
+            x, y = _to_input(batch["image"]), batch["label"].float()
+            logits = model(x).squeeze(1)
+            loss = F.binary_cross_entropy_with_logits(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            c["step_s"] += time.perf_counter() - t_step
+            c["loss_sum"] += loss.item() * len(y)
+            c["correct"] += ((logits > 0).float() == y).sum().item()
+            c["seen"] += len(y)
+    c["cpu_s"] = time.process_time() - cpu0
+    return c
+
+
+_VAL_CACHE: dict = {}
+
+
+def _val_slice(config: dict):
+    """This worker's share of the validation images (every world_size-th),
+    read once straight from the shards: the split is small, fixed and needs
+    no augmentation, so it does not need a pipeline of its own."""
+    ctx = ray.train.get_context()
+    key = (ctx.get_world_rank(), ctx.get_world_size())
+    if key not in _VAL_CACHE:
+        v = config["val"]
+        pixels, labels = load_split(v["manifest"], "val", v["val_fraction"])
+        rank, world = key
+        _VAL_CACHE.clear()
+        _VAL_CACHE[key] = (eval_view(pixels[rank::world], v["image_size"]),
+                           torch.from_numpy(labels[rank::world]).float())
+    return _VAL_CACHE[key]
+
+
+@torch.no_grad()
+def _evaluate(model, config: dict) -> dict:
+    model.eval()
+    images, labels = _val_slice(config)
+    c = {"val_loss_sum": 0.0, "val_correct": 0.0, "val_seen": 0.0}
+    for i in range(0, len(labels), 256):
+        x = images[i:i + 256].contiguous(memory_format=torch.channels_last)
+        y = labels[i:i + 256]
+        # The DDP wrapper would sync buffers on forward; evaluate the inner model.
+        logits = getattr(model, "module", model)(x).squeeze(1)
+        c["val_loss_sum"] += F.binary_cross_entropy_with_logits(
+            logits, y, reduction="sum").item()
+        c["val_correct"] += ((logits > 0).float() == y).sum().item()
+        c["val_seen"] += len(y)
+    return c
+
+
+def _all_reduce(counts: dict) -> dict:
+    if not (dist.is_available() and dist.is_initialized()):
+        return counts
+    t = torch.tensor([counts[k] for k in _SUMS], dtype=torch.float64)
+    dist.all_reduce(t)
+    return dict(zip(_SUMS, t.tolist()))
+
+
+def _accumulate(totals: dict, c: dict, wall: float, flops_per_image: float) -> dict:
+    return {"flops": totals["flops"] + c["seen"] * flops_per_image,
+            "cpu_s": totals["cpu_s"] + c["cpu_s"],
+            "wall_s": totals["wall_s"] + wall,
+            "images": totals["images"] + int(c["seen"])}
+
+
+def _metrics(epoch: int, c: dict, totals: dict, wall: float) -> dict:
+    """The flat dict that goes to the log, Tune's CSV/TensorBoard and lineage."""
+    seen, val_seen = max(c["seen"], 1), max(c["val_seen"], 1)
+    busy = c["wait_s"] + c["step_s"]
+    return {
+        "epoch": epoch,
+        "train_loss": c["loss_sum"] / seen,
+        "train_acc": c["correct"] / seen,
+        "val_loss": c["val_loss_sum"] / val_seen,
+        "val_acc": c["val_correct"] / val_seen,
+        "images_per_s": c["seen"] / max(wall, 1e-9),
+        "data_wait_frac": c["wait_s"] / max(busy, 1e-9),
+        "epoch_wall_s": wall,
+        "flops": totals["flops"],
+        "cpu_s": totals["cpu_s"],
+        "wall_s": totals["wall_s"],
+        "images_seen": totals["images"],
+    }
+
+
+def _report(metrics: dict, spec, model, epoch: int, totals: dict, config: dict):
+    ctx = ray.train.get_context()
+    if ctx.get_world_rank() != 0:
+        ray.train.report(metrics)
+        return
+    log.info("%s epoch %d: val_acc %.4f train_loss %.4f %.0f img/s wait %.1f%%",
+             config.get("trial", "trial"), epoch, metrics["val_acc"],
+             metrics["train_loss"], metrics["images_per_s"],
+             100 * metrics["data_wait_frac"])
+    state = getattr(model, "module", model).state_dict()
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(tmp, spec, state, {"epoch": epoch, "totals": totals,
+                                           "metrics": metrics})
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"epoch-{epoch:03d}")
+
+
+def worker_env(threads: int) -> dict:
+    """Environment for training workers: as many BLAS/OpenMP threads as the
+    CPUs they reserved (Ray would otherwise pin them to 1), and a fixed glibc
+    mmap threshold so large activation buffers are reused instead of being
+    mapped and unmapped on every step."""
+    return {"OMP_NUM_THREADS": str(threads),
+            "MKL_NUM_THREADS": str(threads),
+            "GLIBC_TUNABLES": os.environ.get(
+                "RUNNER_GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=268435456")}
