@@ -7,12 +7,16 @@ with status 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
 import sys
+import tempfile
 
 from runner.errors import RunnerError
+
+log = logging.getLogger(__name__)
 
 EXAMPLES = {
     "ingest": "runner ingest ../shared/datasets/cats_dogs runs/data",
@@ -20,8 +24,14 @@ EXAMPLES = {
     "report": "runner report runs/cats_dogs",
     "evaluate": "runner evaluate runs/cats_dogs --data ../shared/datasets/cats_dogs",
     "predict": "runner predict runs/cats_dogs/stage-2/.../epoch-003 cat.jpg",
-    "transfer": "runner transfer --from CKPT --to classifier_2 --kind plain_copy --out new",
+    "transfer": "runner transfer --from CKPT --op plain_copy --to classifier_2 "
+                "--out runs/copied",
 }
+LINEAGE = "lineage.json"  # the same name runner.growth.loop writes
+DEFAULT_BASE_SIZE = 72  # px, ingest's default, for checkpoints that do not say
+DEFAULT_VAL_FRACTION = 0.1  # the job default, for checkpoints outside a run
+RUN_DEPTH = 8  # folders to climb from a checkpoint looking for its run
+DRIFT_IMAGES = 256  # as many as a stage measures drift on
 
 
 def _loopback_default() -> None:
@@ -50,6 +60,316 @@ def cmd_report(args) -> None:
     print(report(args.run))
 
 
+# --- checkpoints, the runs they lie in, and data for them ----------------------
+
+
+def _is_checkpoint(loc) -> bool:
+    from runner import storage
+    return all(storage.exists(loc.join(n)) for n in ("model.pt", "spec.json"))
+
+
+def _target(path: str):
+    """(checkpoint URI, lineage or None, run root or None) for a run root or a
+    checkpoint folder; a run gives its last stage's winner."""
+    from runner import storage
+    loc = storage.resolve(path)
+    if not storage.exists(loc):
+        raise RunnerError(f"{path}: no such run or checkpoint folder")
+    if storage.exists(loc.join(LINEAGE)):
+        lineage = storage.read_json(loc.join(LINEAGE))
+        stages = lineage.get("stages") or [{}]
+        if not stages[-1].get("checkpoint"):
+            raise RunnerError(f"{loc.uri}/{LINEAGE}: no stage has finished with a "
+                              "checkpoint yet, so the run has no winner to use")
+        return stages[-1]["checkpoint"], lineage, loc
+    if not _is_checkpoint(loc):
+        raise RunnerError(f"{path}: neither a run (no {LINEAGE}) nor a checkpoint "
+                          "folder (needs model.pt and spec.json)")
+    return loc.uri, _run_lineage(loc), None
+
+
+def _run_lineage(loc) -> dict | None:
+    """The lineage of the run a checkpoint lies under, if it lies under one."""
+    from runner import storage
+    path, uri = loc.path.rstrip("/"), loc.uri.rstrip("/")
+    for _ in range(RUN_DEPTH):
+        if "/" not in path.strip("/"):
+            return None
+        path, uri = path.rsplit("/", 1)[0], uri.rsplit("/", 1)[0]
+        probe = storage.Location(loc.fs, f"{path}/{LINEAGE}", f"{uri}/{LINEAGE}")
+        if storage.exists(probe):
+            return storage.read_json(probe)
+    return None
+
+
+def _load(checkpoint: str):
+    """(spec, state_dict, meta) of a checkpoint folder, local or remote."""
+    from runner import storage
+    from runner.model.checkpoint import load_checkpoint
+    with tempfile.TemporaryDirectory() as tmp:
+        return load_checkpoint(storage.download_dir(storage.resolve(checkpoint), tmp))
+
+
+def _run_data(lineage: dict | None) -> dict:
+    return (lineage or {}).get("data") or {}
+
+
+def _base_size(meta: dict, lineage: dict | None) -> int:
+    return meta.get("base_size") or _run_data(lineage).get("base_size") \
+        or DEFAULT_BASE_SIZE
+
+
+def _val_fraction(lineage: dict | None) -> float:
+    data = ((lineage or {}).get("job") or {}).get("data") or {}
+    return data.get("val_fraction", DEFAULT_VAL_FRACTION)
+
+
+def _known_classes(meta: dict, lineage: dict | None) -> list[str] | None:
+    # Training checkpoints do not record class names; their run's lineage does.
+    for names in (meta.get("classes"), _run_data(lineage).get("classes")):
+        if isinstance(names, list) and names:
+            return [str(n) for n in names]
+    return None
+
+
+def _class_names(spec, meta: dict, lineage: dict | None) -> list[str]:
+    """Names from the checkpoint, else from its run, else "class k"."""
+    count = max(2, spec.num_outputs)
+    names = _known_classes(meta, lineage)
+    if names and len(names) == count:
+        return names
+    return [f"class {k}" for k in range(count)]
+
+
+def _default_cache(data: str) -> str:
+    # One cache folder per data folder, so a second evaluation reuses shards.
+    key = hashlib.sha256(os.path.realpath(data).encode()).hexdigest()[:12]
+    return os.path.join(tempfile.gettempdir(), "runner-eval-data", key)
+
+
+def _data_manifest(data: str, cache: str, base_size: int) -> dict:
+    """Shards for ``data``: a shards folder as it is, an image folder ingested
+    into ``cache`` (reused while unchanged). Has ``location`` like a run's."""
+    from runner import storage
+    from runner.data.ingest import MANIFEST, ingest, load_manifest, summary
+    loc = storage.resolve(data)
+    if storage.exists(loc.join(MANIFEST)):
+        return dict(load_manifest(loc), location=loc.uri)
+    manifest = ingest(data, cache, base_size=base_size)
+    log.info("data %s: %s", data, summary(manifest))
+    return dict(manifest, location=storage.resolve(cache).uri)
+
+
+def _check_classes(spec, meta: dict, lineage, manifest: dict) -> None:
+    classes = manifest["classes"]
+    if spec.num_outputs != 1 or len(classes) != 2:
+        raise RunnerError(f"{spec.name} has {spec.num_outputs} output(s); only a "
+                          f"binary model on two classes can be scored, and the "
+                          f"data has {len(classes)}: {', '.join(classes)}")
+    known = _known_classes(meta, lineage)
+    if known and known != list(classes):
+        raise RunnerError(f"the model was trained on classes {known}, the data has "
+                          f"{classes}: name the class folders the same")
+
+
+# --- evaluate ------------------------------------------------------------------
+
+
+def cmd_evaluate(args) -> None:
+    from runner.evaluate import evaluate_checkpoint
+    checkpoint, lineage, run = _target(args.target)
+    spec, _, meta = _load(checkpoint)
+    cache = args.cache or (run.join("eval-data").uri if run else
+                           _default_cache(args.data))
+    manifest = _data_manifest(args.data, cache, _base_size(meta, lineage))
+    _check_classes(spec, meta, lineage, manifest)
+    scores = evaluate_checkpoint(checkpoint, manifest, args.split, spec.input_size,
+                                 _val_fraction(lineage))
+    result = {"checkpoint": checkpoint, "model": spec.name, "split": args.split,
+              **scores}
+    print(json.dumps(result, indent=2) if args.json else format_scores(result))
+
+
+def format_scores(result: dict) -> str:
+    """Accuracy, per-class accuracy and the confusion matrix as small tables."""
+    classes = result["classes"]
+    width = max(8, *(len(c) + 2 for c in classes))
+    lines = [f"{result['model']} on {result['split']} "
+             f"({result['images']} images): {result['checkpoint']}",
+             f"accuracy {result['accuracy']:.4f}", "",
+             f"{'class':<{width}}{'images':>8}{'accuracy':>10}"]
+    for i, name in enumerate(classes):
+        images = sum(result["confusion"][i])
+        lines.append(f"{name:<{width}}{images:>8}{result['per_class'][name]:>10.4f}")
+    lines += ["", "confusion (rows: true class, columns: predicted)",
+              f"{'':<{width}}" + "".join(f"{c:>{width}}" for c in classes)]
+    for name, row in zip(classes, result["confusion"]):
+        lines.append(f"{name:<{width}}" + "".join(f"{n:>{width}}" for n in row))
+    return "\n".join(lines)
+
+
+# --- predict -------------------------------------------------------------------
+
+
+def cmd_predict(args) -> int:
+    from runner.model import build_model
+    checkpoint, lineage, _ = _target(args.checkpoint)
+    spec, state, meta = _load(checkpoint)
+    model = build_model(spec)
+    model.load_state_dict(state)
+    model.eval()
+    names = _class_names(spec, meta, lineage)
+    base = _base_size(meta, lineage)
+    failed = 0
+    for path in args.images:
+        # one bad file must not hide the answers for the others
+        failed += not _predict_one(model, spec.input_size, base, names, path)
+    return 1 if failed else 0
+
+
+def _predict_one(model, image_size: int, base: int, names: list, path: str) -> bool:
+    """Print "path, class, probability", or why the file cannot be read."""
+    import numpy as np
+
+    from runner.data.ingest import decode_image
+    from runner.data.pipeline import eval_view
+    outcome = decode_image(path, base)
+    if outcome.image is None:
+        print(f"runner: {path}: cannot decode: {outcome.reason} ({outcome.detail})",
+              file=sys.stderr)
+        return False
+    # bytearray: a writable buffer, which torch.from_numpy wants
+    pixels = np.frombuffer(bytearray(outcome.image), np.uint8)
+    label, prob = _classify(model, eval_view(pixels.reshape(1, base, base, 3),
+                                             image_size))
+    print(f"{path}\t{names[label]}\t{prob:.4f}")
+    return True
+
+
+def _classify(model, x) -> tuple[int, float]:
+    """(class index, its probability) of one image; one logit means binary, with
+    the same 0.5 threshold as evaluation."""
+    import torch
+    with torch.no_grad():
+        logits = model(x)[0]
+    if logits.numel() == 1:
+        p = float(torch.sigmoid(logits[0]))
+        return (1, p) if p > 0.5 else (0, 1.0 - p)
+    probs = torch.softmax(logits, dim=0)
+    k = int(probs.argmax())
+    return k, float(probs[k])
+
+
+# --- transfer ------------------------------------------------------------------
+
+
+def cmd_transfer(args) -> None:
+    from runner import storage
+    source = storage.resolve(args.source)
+    if not (storage.exists(source) and _is_checkpoint(source)):
+        raise RunnerError(f"--from {args.source}: not a checkpoint folder (needs "
+                          "model.pt and spec.json)")
+    out = storage.resolve(args.out)
+    if storage.exists(out.join("model.pt")):
+        raise RunnerError(f"--out {args.out} already holds a checkpoint; choose "
+                          "another folder")
+    spec, state, meta = _load(source.uri)
+    child, child_state, report = _transfer(spec, state, args)
+    lineage = _run_lineage(source)
+    if args.data:
+        _measure(args, (spec, state), (child, child_state), report,
+                 _base_size(meta, lineage))
+    # carry what predict and evaluate need, so the child reads on its own
+    carried = {"base_size": _base_size(meta, lineage)}
+    if _known_classes(meta, lineage):
+        carried["classes"] = _known_classes(meta, lineage)
+    _save(out, child, child_state, {"epoch": 0, "parent": source.uri,
+                                    "transfer": report.to_dict(), **carried})
+    print(report.format())
+    print(f"wrote {out.uri}")
+
+
+def _transfer(spec, state, args):
+    """Run ``--op``: a growth op by name, or a transfer kind towards ``--to``."""
+    from runner.model.growth import OPS, TRANSFER_KINDS, apply_op, transfer_to
+    from runner.model.spec import get_spec
+    known = list(dict.fromkeys([*OPS, *TRANSFER_KINDS]))
+    if args.op not in known:
+        raise RunnerError(f"unknown --op {args.op!r}; known: {', '.join(known)}")
+    params = _params(args.param)
+    target = get_spec(args.to) if args.to else None
+    if args.op not in OPS:  # function_preserving: a plan of ops, not one op
+        if params or target is None:
+            raise RunnerError(f"--op {args.op} takes --to SPEC and no --param")
+        return transfer_to(spec, state, target, args.op, rng=args.seed)
+    return apply_op(spec, state, args.op, **_op_params(args, params, target))
+
+
+def _op_params(args, params: dict, target) -> dict:
+    import inspect
+
+    from runner.model.growth import OPS
+    takes = inspect.signature(OPS[args.op]).parameters
+    if "target_spec" in takes and target is None:
+        raise RunnerError(f"--op {args.op} needs --to SPEC (e.g. classifier_2)")
+    if target is not None:
+        if "target_spec" not in takes:
+            raise RunnerError(f"--op {args.op} takes no --to; use --param "
+                              "to set its parameters")
+        params["target_spec"] = target
+    if args.seed is not None:
+        params["rng"] = args.seed
+    return params
+
+
+def _params(pairs: list[str]) -> dict:
+    """--param k=v pairs; values are read as YAML, so 64 is an int, 0.1 a float."""
+    import yaml
+    params = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise RunnerError(f"--param {pair!r}: expected key=value, e.g. filters=64")
+        params[key.strip()] = yaml.safe_load(text)
+    return params
+
+
+def _measure(args, parent, child, report, base_size: int) -> None:
+    """Fill ``report`` with logit drift on up to DRIFT_IMAGES images of --data:
+    validation rows, or test rows when the folder is too small to have any."""
+    import torch
+
+    from runner.data.pipeline import eval_view
+    from runner.evaluate import load_split
+    from runner.model.growth import measure_drift
+    size, child_size = parent[0].input_size, child[0].input_size
+    if size != child_size:
+        raise RunnerError(f"drift needs one input size; the parent sees {size}px, "
+                          f"the child {child_size}px")
+    cache = args.cache or _default_cache(args.data)
+    manifest = _data_manifest(args.data, cache, base_size)
+    pixels, labels = load_split(manifest, "val", DEFAULT_VAL_FRACTION)
+    if not len(labels):
+        pixels, labels = load_split(manifest, "test")
+    images = eval_view(pixels[:DRIFT_IMAGES], size)
+    labels = torch.from_numpy(labels[:DRIFT_IMAGES]).float()
+    measure_drift(*parent, *child, images, labels, report)
+
+
+def _save(out, spec, state, meta: dict) -> None:
+    from runner import storage
+    from runner.model.checkpoint import save_checkpoint
+    if out.is_local:
+        save_checkpoint(out.path, spec, state, meta)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(tmp, spec, state, meta)
+        storage.upload_dir(tmp, out)
+
+
+# --- the parser ------------------------------------------------------------------
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="runner", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -74,7 +394,50 @@ def _parser() -> argparse.ArgumentParser:
 
     s = add("report", cmd_report, "print a run's stages, trials, winners and compute")
     s.add_argument("run", help="the run's storage root")
+
+    _add_evaluate(add("evaluate", cmd_evaluate,
+                      "score a run's winner or a checkpoint on an image folder"))
+    _add_predict(add("predict", cmd_predict,
+                     "classify image files with a checkpoint, one line each"))
+    _add_transfer(add("transfer", cmd_transfer,
+                      "grow or copy a checkpoint into a new one, with its report"))
     return p
+
+
+def _add_evaluate(s) -> None:
+    s.add_argument("target", metavar="RUN_OR_CHECKPOINT",
+                   help="a run's storage root (its last winner) or a checkpoint folder")
+    s.add_argument("--data", required=True, metavar="FOLDER",
+                   help="image folder with training_set/ and test_set/, or shards")
+    s.add_argument("--split", choices=("test", "train", "val"), default="test",
+                   help="which images to score (default: test)")
+    s.add_argument("--cache", metavar="DIR", help="where decoded shards are kept "
+                   "(default: RUN/eval-data, or a folder under the temp dir)")
+    s.add_argument("--json", action="store_true", help="print the scores as JSON")
+
+
+def _add_predict(s) -> None:
+    s.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="checkpoint folder (or a run root: its last winner)")
+    s.add_argument("images", metavar="IMAGE", nargs="+", help="image files")
+
+
+def _add_transfer(s) -> None:
+    s.add_argument("--from", dest="source", required=True, metavar="CHECKPOINT",
+                   help="the parent checkpoint folder")
+    s.add_argument("--op", required=True, help="growth op (widen_conv, "
+                   "widen_dense, deepen_conv, deepen_block, plain_copy, fresh) or "
+                   "function_preserving")
+    s.add_argument("--to", metavar="SPEC", help="target spec: a name "
+                   "(classifier_2) or a spec JSON file")
+    s.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="op parameter, e.g. --param block=0 --param filters=64")
+    s.add_argument("--seed", type=int, help="seed for ops that draw random numbers")
+    s.add_argument("--out", required=True, metavar="DIR",
+                   help="folder for the new checkpoint")
+    s.add_argument("--data", metavar="FOLDER_OR_SHARDS",
+                   help=f"measure logit drift on up to {DRIFT_IMAGES} images of it")
+    s.add_argument("--cache", metavar="DIR", help="where --data's shards are kept")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,14 +445,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        args.func(args)
+        status = args.func(args)
     except RunnerError as err:
         print(f"runner: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("runner: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -2,8 +2,14 @@
 
 Under ``ray job submit`` the job supervisor sets RAY_ADDRESS and we join that
 cluster. Otherwise ``ray.address`` in the job (or ``--address``) names one,
-``auto`` finds a ``ray start --head`` on this machine, and with nothing set we
-start a private local Ray with ``ray.num_cpus`` CPUs.
+and with nothing set we join the one Ray already running on this machine (a
+``ray start --head``), or start a private local Ray with ``ray.num_cpus``
+CPUs when there is none.
+
+Why not start a second cluster beside a running one: Ray Train frees the CPUs
+of a trial that Tune stopped early through Ray's state API, which cannot tell
+two clusters on one machine apart; the freed CPUs would never come back and
+the next trial would wait forever.
 """
 
 from __future__ import annotations
@@ -14,18 +20,37 @@ import os
 import ray
 
 from runner.config import JobConfig
+from runner.errors import RunnerError
 
 log = logging.getLogger(__name__)
+
+
+def _running() -> str | None:
+    """The address of the one Ray cluster running on this machine, if any."""
+    try:
+        from ray._private.services import find_gcs_addresses
+        found = sorted(find_gcs_addresses())
+    except Exception:  # a private helper of Ray's: never let it stop a run
+        return None
+    if len(found) > 1:
+        raise RunnerError(
+            f"several Ray clusters run on this machine ({', '.join(found)}); "
+            "choose one with --address (or ray.address in the job)")
+    if found:
+        log.info("joining the Ray cluster already running at %s", found[0])
+    return found[0] if found else None
 
 
 def connect(job: JobConfig) -> float:
     """Make sure Ray is up; return the cluster's CPU count."""
     if not ray.is_initialized():
-        address = job.ray.address or os.environ.get("RAY_ADDRESS")
+        address = job.ray.address or os.environ.get("RAY_ADDRESS") or _running()
         kwargs = {} if address else {"num_cpus": job.ray.num_cpus}
         # Keep Ray's per-task console echo: it carries the trainers' epoch lines.
         ray.init(address=address, logging_level=logging.WARNING, **kwargs)
     cpus = ray.cluster_resources().get("CPU", 0.0)
+    if cpus <= 0:
+        raise RunnerError("the Ray cluster has no CPUs to train on")
     log.info("Ray cluster: %g CPUs on %d node(s), dashboard %s", cpus,
              len([n for n in ray.nodes() if n["Alive"]]),
              ray.get_runtime_context().gcs_address)

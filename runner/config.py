@@ -19,13 +19,15 @@ import yaml
 
 from runner.errors import RunnerError
 
+BUDGET_UNITS = ("flops", "cpu_s", "wall_s")
 GROWTH_OPS = ("widen_conv", "widen_dense", "deepen_conv", "deepen_block",
               "plain_copy", "fresh")
 
 
 @dataclass
 class DataConfig:
-    root: str = "../shared/datasets/cats_dogs"  # image folder (training_set/, test_set/)
+    # image folder with training_set/<class>/ and test_set/<class>/
+    root: str = "../shared/datasets/cats_dogs"
     shards: str | None = None      # Parquet shards; default <storage>/data
     base_size: int = 72            # px, stored size; random crops stay inside it
     image_size: int = 64           # px, what the network sees
@@ -86,10 +88,19 @@ class StageConfig:
     model: str | None = None       # first stage: a spec name or JSON file
     variants: list[dict] = field(default_factory=list)  # later stages: ops
     lr: list[float] | None = None  # grid of learning rates; None = train.lr
+    # Per-trial compute cap: {flops: 2e12} (training FLOPs), {cpu_s: 600}
+    # (training workers' CPU-seconds) or {wall_s: 300}; a trial stops at the
+    # end of the epoch that reaches it, or after `epochs`, whichever is first.
+    budget: dict | None = None
 
     def validate(self, index: int) -> None:
         where = f"stages[{index}] ({self.name})"
         _positive(f"{where}.epochs", self.epochs)
+        for unit, amount in (self.budget or {}).items():
+            if unit not in BUDGET_UNITS:
+                raise RunnerError(f"{where}.budget: unknown unit {unit!r}; use one "
+                                  f"of {', '.join(BUDGET_UNITS)}")
+            _positive(f"{where}.budget.{unit}", amount)
         if index == 0 and not self.model:
             raise RunnerError(f"{where}: the first stage needs `model:` (a spec)")
         if index > 0 and not self.variants:
@@ -97,15 +108,17 @@ class StageConfig:
         for v in self.variants:
             op = v.get("op") if isinstance(v, dict) else None
             if op not in GROWTH_OPS:
-                raise RunnerError(
-                    f"{where}: variant {v!r} needs `op:` one of {', '.join(GROWTH_OPS)}")
+                ops = ", ".join(GROWTH_OPS)
+                raise RunnerError(f"{where}: variant {v!r} needs `op:` one of {ops}")
         for lr in self.lr or []:
             _positive(f"{where}.lr", lr)
 
 
 @dataclass
 class RayConfig:
-    address: str | None = None     # None: RAY_ADDRESS, a running local cluster, or start one
+    # None: RAY_ADDRESS if set, else start a private local Ray; "auto": join
+    # the `ray start` cluster on this machine
+    address: str | None = None
     num_cpus: int | None = None    # CPUs of a cluster we start; None = all
 
 
@@ -118,6 +131,9 @@ class JobConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     stages: list[StageConfig] = field(default_factory=list)
+    # Train the final architecture from scratch with the growth path's FLOPs,
+    # to judge whether growing paid.
+    baseline: bool = True
     ray: RayConfig = field(default_factory=RayConfig)
 
     def validate(self) -> "JobConfig":

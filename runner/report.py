@@ -32,9 +32,12 @@ def format_report(lineage: dict) -> str:
     lines.append("data: " + ", ".join(
         f"{split} {sum(c.values())} ({', '.join(f'{k} {v}' for k, v in c.items())})"
         for split, c in counts.items()))
-    for stage in lineage["stages"]:
+    stages = lineage["stages"] + ([lineage["baseline"]] if lineage.get("baseline")
+                                  else [])
+    for stage in stages:
         parent = stage["parent"]
-        origin = f"from {parent['stage']}/{parent['trial']}" if parent else "from scratch"
+        origin = (f"from {parent['stage']}/{parent['trial']}" if parent
+                  else "from scratch")
         lines.append(f"\nstage {stage['index']} {stage['name']} ({origin})")
         lines += [_trial_line(t, stage["winner"]) for t in stage["trials"]]
         test, path = stage["test"], stage["path_compute"]
@@ -45,6 +48,8 @@ def format_report(lineage: dict) -> str:
         lines.append(f"  path compute so far: {_gflop(path['flops'])}, "
                      f"{path['cpu_s']:.0f} cpu-s, {path['wall_s']:.0f} s; "
                      f"checkpoint {stage['checkpoint']}")
+    if lineage.get("verdict"):
+        lines.append(f"\nverdict: {lineage['verdict']['text']}")
     return "\n".join(lines)
 
 

@@ -35,8 +35,9 @@ def test_overrides_reach_nested_and_listed_settings(tmp_path):
 
 
 def test_unknown_key_is_named_with_a_suggestion(tmp_path):
-    path = write(tmp_path, JOB.format(storage="x").replace("name: t", "name: t\nseeed: 1"))
-    with pytest.raises(RunnerError, match=r"unknown setting seeed.*did you mean 'seed'"):
+    text = JOB.format(storage="x").replace("name: t", "name: t\nseeed: 1")
+    path = write(tmp_path, text)
+    with pytest.raises(RunnerError, match=r"unknown setting seeed.*mean 'seed'"):
         load_job(path)
 
 

@@ -1,6 +1,7 @@
 """The growth job end to end on a real local Ray, real shards, real JPEGs."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -9,13 +10,20 @@ from runner.growth.loop import grow
 from runner.report import report
 
 
+def tiny_job(root, data):
+    """The shipped job, cut to one epoch per stage and fewer variants."""
+    return load_job("jobs/cats_dogs.yaml", [
+        f"storage={root}", f"data.root={data}", "train.batch_size=16",
+        "stages.0.epochs=1", "stages.1.epochs=1", "stages.2.epochs=1",
+        "stages.1.variants=[{op: plain_copy, to: classifier_2, freeze_epochs: 1},"
+        " {op: deepen_block}]",
+        "stages.2.variants=[{op: widen_dense, index: 0, units: 160}]"])
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, cats_dogs_subset, ray_local):
     root = tmp_path_factory.mktemp("run")
-    job = load_job("jobs/cats_dogs.yaml", [
-        f"storage={root}", f"data.root={cats_dogs_subset}",
-        "stages.0.epochs=1", "stages.1.epochs=1", "train.batch_size=16"])
-    lineage = grow(job)
+    lineage = grow(tiny_job(root, cats_dogs_subset))
     return root, lineage
 
 
@@ -24,7 +32,7 @@ def test_every_stage_is_recorded_with_a_winner_and_test_accuracy(tiny_run):
     on_disk = json.loads((root / "lineage.json").read_text())
     assert on_disk == json.loads(json.dumps(lineage))
     assert lineage["finished"]
-    seed, deepen = lineage["stages"]
+    seed, deepen, widen = lineage["stages"]
     assert [t["variant"]["op"] for t in seed["trials"]] == ["scratch"]
     assert sorted(t["variant"]["op"] for t in deepen["trials"]) == \
         ["deepen_block", "plain_copy"]
@@ -47,28 +55,60 @@ def test_checkpoints_and_tune_results_live_under_the_run_root(tiny_run):
 
 def test_stage_two_starts_from_stage_one_and_reports_its_transfer(tiny_run):
     _, lineage = tiny_run
-    seed, deepen = lineage["stages"]
+    seed, deepen, widen = lineage["stages"]
     assert deepen["parent"]["checkpoint"] == seed["checkpoint"]
+    assert widen["parent"]["checkpoint"] == deepen["checkpoint"]
     copy = next(t for t in deepen["trials"] if t["variant"]["op"] == "plain_copy")
     copied = [x for x in copy["transfer"]["tensors"] if x["status"] == "copied"]
     assert sorted(x["name"] for x in copied) == ["blocks.0.convs.0.bias",
                                                 "blocks.0.convs.0.weight"]
 
 
+def test_frozen_transferred_layers_keep_their_weights_for_the_first_epoch(tiny_run):
+    from runner.model.checkpoint import load_checkpoint
+
+    root, lineage = tiny_run
+    copy = next(t for t in lineage["stages"][1]["trials"]
+                if t["variant"]["op"] == "plain_copy")
+    _, init, _ = load_checkpoint(root / "deepen" / "init" / copy["name"])
+    _, after, _ = load_checkpoint(copy["epochs"][0]["checkpoint_path"])
+    assert after["blocks.0.convs.0.weight"].equal(init["blocks.0.convs.0.weight"])
+    assert not after["head.0.weight"].equal(init["head.0.weight"])
+
+
 def test_compute_is_counted_per_epoch_and_along_the_path(tiny_run):
     _, lineage = tiny_run
-    seed, deepen = lineage["stages"]
+    seed, deepen, _ = lineage["stages"]
     for stage in lineage["stages"]:
         for t in stage["trials"]:
             assert t["compute"]["flops"] > 0 and t["compute"]["cpu_s"] > 0
+            assert t["compute"]["flops"] == t["epochs"][-1]["flops"]
+        assert stage["compute"]["flops"] == pytest.approx(
+            sum(t["compute"]["flops"] for t in stage["trials"]))
     winner = next(t for t in deepen["trials"] if t["name"] == deepen["winner"])
     assert deepen["path_compute"]["flops"] == pytest.approx(
         seed["path_compute"]["flops"] + winner["compute"]["flops"])
 
 
+def test_baseline_trains_the_final_architecture_with_the_path_budget(tiny_run):
+    _, lineage = tiny_run
+    final, baseline = lineage["stages"][-1], lineage["baseline"]
+    (trial,) = baseline["trials"]
+    assert trial["variant"]["op"] == "scratch"
+    final_spec = json.loads((Path(final["checkpoint"]) / "spec.json").read_text())
+    assert trial["variant"]["model"] == final_spec
+    assert baseline["budget_flops"] == pytest.approx(final["path_compute"]["flops"])
+    # It stops at the first epoch end at or past its budget, not later.
+    flops = [e["flops"] for e in trial["epochs"]]
+    assert flops[-1] >= baseline["budget_flops"]
+    assert all(f < baseline["budget_flops"] for f in flops[:-1])
+    assert lineage["verdict"]["text"]
+
+
 def test_report_prints_stages_trials_winner_and_test_accuracy(tiny_run):
     root, lineage = tiny_run
     text = report(str(root))
+    assert lineage["verdict"]["text"] in text
     for stage in lineage["stages"]:
         assert f"stage {stage['index']} {stage['name']}" in text
         assert f"winner {stage['winner']}" in text
@@ -77,10 +117,7 @@ def test_report_prints_stages_trials_winner_and_test_accuracy(tiny_run):
 
 def test_rerunning_a_finished_run_trains_nothing(tiny_run, cats_dogs_subset, caplog):
     root, lineage = tiny_run
-    job = load_job("jobs/cats_dogs.yaml", [
-        f"storage={root}", f"data.root={cats_dogs_subset}",
-        "stages.0.epochs=1", "stages.1.epochs=1"])
     with caplog.at_level("INFO"):
-        again = grow(job)
+        again = grow(tiny_job(root, cats_dogs_subset))
     assert again["stages"] == json.loads(json.dumps(lineage["stages"]))
     assert "already done" in caplog.text

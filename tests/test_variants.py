@@ -1,7 +1,8 @@
 """Selection and variants are pure: fed made-up trial results here."""
 
 from runner.config import StageConfig
-from runner.growth.variants import best_epoch, select_winner, stage_variants, variant_label
+from runner.growth.variants import (best_epoch, path_curve, select_winner,
+                                    stage_variants, variant_label, verdict)
 
 
 def trial(name, accs, flops_per_epoch=10.0):
@@ -48,3 +49,31 @@ def test_first_stage_trains_its_model_from_scratch():
 def test_variant_labels_are_path_safe():
     label = variant_label({"op": "plain_copy", "to": "specs/big net.json"})
     assert "/" not in label and " " not in label
+
+
+def stage(name, winner_accs, flops_per_epoch):
+    t = trial(name + "-w", winner_accs, flops_per_epoch)
+    t["compute"] = {"flops": flops_per_epoch * len(winner_accs)}
+    return {"name": name, "winner": t["name"], "trials": [t]}
+
+
+def test_path_curve_accumulates_compute_over_ancestors():
+    stages = [stage("a", [.6, .7], 10.0), stage("b", [.72, .8], 5.0)]
+    curve = path_curve(stages)
+    assert [p["flops"] for p in curve] == [10.0, 20.0, 25.0, 30.0]
+    assert [p["val_acc"] for p in curve] == [.6, .7, .72, .8]
+
+
+def test_verdict_gives_the_fraction_of_baseline_compute():
+    stages = [stage("a", [.6, .7], 10.0), stage("b", [.72, .8], 5.0)]
+    baseline = {"val_acc": .72, "compute": {"flops": 50.0}}
+    v = verdict(stages, baseline)
+    assert v["growth_flops_to_match"] == 25.0
+    assert v["fraction"] == 0.5
+    assert "50%" in v["text"]
+
+
+def test_verdict_says_when_growing_never_got_there():
+    stages = [stage("a", [.6, .7], 10.0)]
+    v = verdict(stages, {"val_acc": .9, "compute": {"flops": 50.0}})
+    assert v["fraction"] is None and "never reached" in v["text"]

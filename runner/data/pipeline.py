@@ -50,7 +50,8 @@ def decode_pixels(column: pa.Array, base_size: int) -> np.ndarray:
     return np.frombuffer(flat, dtype=np.uint8).reshape(-1, base_size, base_size, 3)
 
 
-def random_affines(n: int, cfg: AugmentConfig, rng: np.random.Generator) -> torch.Tensor:
+def random_affines(n: int, cfg: AugmentConfig,
+                   rng: np.random.Generator) -> torch.Tensor:
     """One random 2x3 sampling matrix per image (output -> input coordinates)."""
     # Zoom: the crop covers a random fraction of the base image's area.
     side = np.sqrt(rng.uniform(1.0 - cfg.zoom, 1.0, n))

@@ -7,6 +7,9 @@ winner, recording everything in ``lineage.json``.
      "stages": [{"index", "name", "parent", "trials": [trial records],
                  "winner", "checkpoint", "val_acc", "test", "compute",
                  "path_compute"}],
+     "baseline": {same as a stage, plus "budget_flops"},
+     "verdict": {"baseline_best_val_acc", "baseline_flops", "growth_best_val_acc",
+                 "growth_flops_to_match", "fraction", "text"},
      "finished": bool}
 
 A stage already in the lineage is not run again, so rerunning the same
@@ -17,16 +20,20 @@ short mid-way resumes inside Tune, see ``runner.growth.stage``).
 from __future__ import annotations
 
 import logging
+import math
+import tempfile
 import time
 
 import yaml
 
 from runner import storage
-from runner.config import JobConfig
+from runner.config import JobConfig, StageConfig
 from runner.data.ingest import ingest, summary
 from runner.errors import RunnerError
 from runner.evaluate import evaluate_checkpoint
-from runner.growth.variants import select_winner
+from runner.growth.variants import select_winner, verdict
+from runner.model import train_flops_per_image
+from runner.model.checkpoint import load_checkpoint
 from runner.report import format_report
 
 log = logging.getLogger(__name__)
@@ -73,18 +80,55 @@ def grow(job: JobConfig) -> dict:
                  len(job.stages), stage.name, stage.epochs)
         parent = _parent(lineage)
         t0 = time.time()
-        trials = run_stage(job, index, parent, manifest, plan, root)
-        record = _stage_record(index, stage.name, parent, trials, manifest, job, lineage)
+        trials = run_stage(job, stage, index == 0, parent, manifest, plan, root)
+        record = _stage_record(index, stage.name, parent, trials, manifest, job,
+                               lineage)
         record["driver_wall_s"] = time.time() - t0
         lineage["stages"].append(record)
         storage.write_json(root.join(LINEAGE), lineage)
-        log.info("stage %s winner %s: val_acc %.4f test_acc %.4f; checkpoint %s",
-                 stage.name, record["winner"], record["val_acc"],
-                 record["test"]["accuracy"], record["checkpoint"])
+        _log_winner(record)
+    if job.baseline and not lineage.get("baseline"):
+        _run_baseline(job, lineage, manifest, plan, root, run_stage)
     lineage["finished"] = True
     storage.write_json(root.join(LINEAGE), lineage)
     print(format_report(lineage))
     return lineage
+
+
+def _log_winner(record: dict) -> None:
+    log.info("stage %s winner %s: val_acc %.4f test_acc %.4f; checkpoint %s",
+             record["name"], record["winner"], record["val_acc"],
+             record["test"]["accuracy"], record["checkpoint"])
+
+
+def baseline_stage(job: JobConfig, lineage: dict, manifest: dict) -> StageConfig:
+    """The final architecture from scratch, allowed the growth path's FLOPs
+    (a trial stops at the first epoch end past its budget)."""
+    final = lineage["stages"][-1]
+    with tempfile.TemporaryDirectory() as tmp:
+        spec, _, _ = load_checkpoint(storage.download_dir(
+            storage.resolve(final["checkpoint"]), tmp))
+    budget = final["path_compute"]["flops"]
+    train_images = sum(manifest["counts"]["train"].values()) * \
+        (1 - job.data.val_fraction) * job.augment.views_per_epoch
+    epochs = math.ceil(budget / (train_flops_per_image(spec) * train_images)) + 1
+    return StageConfig(name="baseline", epochs=epochs, model=spec.to_dict(),
+                       budget={"flops": budget})
+
+
+def _run_baseline(job, lineage, manifest, plan, root, run_stage) -> None:
+    stage = baseline_stage(job, lineage, manifest)
+    log.info("baseline: %s from scratch, budget %.2f TFLOP (up to %d epochs)",
+             stage.model["name"], stage.budget["flops"] / 1e12, stage.epochs)
+    trials = run_stage(job, stage, True, None, manifest, plan, root)
+    record = _stage_record(len(job.stages), "baseline", None, trials, manifest, job,
+                           {"stages": []})
+    record["budget_flops"] = stage.budget["flops"]
+    lineage["baseline"] = record
+    lineage["verdict"] = verdict(lineage["stages"], record)
+    storage.write_json(root.join(LINEAGE), lineage)
+    _log_winner(record)
+    log.info("verdict: %s", lineage["verdict"]["text"])
 
 
 def _load_or_start(job: JobConfig, root: storage.Location, manifest: dict) -> dict:

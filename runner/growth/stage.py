@@ -23,7 +23,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-import ray
 from ray import tune
 from ray.train import (CheckpointConfig, DataConfig, FailureConfig, RunConfig,
                        ScalingConfig)
@@ -32,10 +31,11 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from runner import storage
-from runner.config import AugmentConfig, JobConfig
-from runner.data.pipeline import READ_CPUS, build_dataset, decode_pixels, eval_view, split_mask
+from runner.config import AugmentConfig, JobConfig, StageConfig
+from runner.data.pipeline import (READ_CPUS, build_dataset, decode_pixels,
+                                  eval_view, split_mask)
 from runner.growth.variants import best_epoch, stage_variants, variant_label
-from runner.model import build_model, get_spec
+from runner.model import ModelSpec, build_model, get_spec
 from runner.model.checkpoint import load_checkpoint, save_checkpoint
 from runner.model.growth import apply_op, measure_drift
 from runner.resources import Plan
@@ -46,42 +46,49 @@ log = logging.getLogger(__name__)
 DRIFT_IMAGES = 256  # validation images the transfer drift is measured on
 
 
-def run_stage(job: JobConfig, index: int, parent: dict | None, manifest: dict,
-              plan: Plan, root: storage.Location) -> list[dict]:
-    """Run stage ``index`` and return one record per trial (see
-    :func:`trial_record`)."""
-    stage = job.stages[index]
-    variants = stage_variants(stage, index)
+def run_stage(job: JobConfig, stage: StageConfig, first: bool, parent: dict | None,
+              manifest: dict, plan: Plan, root: storage.Location) -> list[dict]:
+    """Run one stage (``first``: train ``stage.model`` from scratch) and return
+    one record per trial (see :func:`trial_record`)."""
+    variants = stage_variants(stage, 0 if first else 1)
     lrs = stage.lr or [job.train.lr]
-    context = {"job": job.to_dict(), "stage": stage.name, "index": index,
+    context = {"job": job.to_dict(), "stage": stage.name, "epochs": stage.epochs,
+               "budget": stage.budget or {},
                "parent": parent, "manifest": manifest, "plan": plan.__dict__,
                "root": root.uri}
     trainable = tune.with_parameters(_trial, context=context)
     param_space = {"variant": tune.grid_search(variants), "lr": tune.grid_search(lrs)}
-    tuner = _tuner(trainable, param_space, stage.name, stage.epochs, root)
+    tuner = _tuner(trainable, param_space, stage, root)
     results = tuner.fit()
     return [trial_record(r, root, stage.name) for r in results]
 
 
-def _tuner(trainable, param_space, name: str, epochs: int, root: storage.Location):
+def _tuner(trainable, param_space, stage: StageConfig, root: storage.Location):
+    name, epochs = stage.name, stage.epochs
     exp = root.join(name)
     # The trial driver only waits on its TorchTrainer: it holds no CPU, only
     # a token of memory (Tune refuses an empty request).
     trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 64 * 2**20})
-    if tune.Tuner.can_restore(exp.uri, storage_filesystem=root.fs if not root.is_local else None):
+    remote_fs = None if root.is_local else root.fs
+    if tune.Tuner.can_restore(exp.uri, storage_filesystem=remote_fs):
         # A driver that died mid-stage: finished trials are kept, interrupted
         # ones continue from their last checkpoint.
         log.info("resuming stage %s from %s", name, exp.uri)
         return tune.Tuner.restore(exp.uri, trainable, resume_errored=True,
-                                  storage_filesystem=None if root.is_local else root.fs)
+                                  storage_filesystem=remote_fs)
     # ASHA's grace period: a grown network often dips for its first steps, so
-    # no trial is judged before it has finished an epoch.
-    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs,
+    # no trial is judged before it has finished an epoch. max_t lies past the
+    # last epoch so that a trial ends by returning, never by being cut at its
+    # final report while its trainer still holds its CPUs.
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs + 1,
                               grace_period=1, reduction_factor=2)
     return tune.Tuner(
         trainable, param_space=param_space,
         tune_config=tune.TuneConfig(metric="val_acc", mode="max", scheduler=scheduler,
                                     max_concurrent_trials=1,
+                                    # A stopped trial's actor must go, and with
+                                    # it the trainer it owns and its CPUs.
+                                    reuse_actors=False,
                                     trial_name_creator=_trial_name,
                                     trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(
@@ -116,7 +123,8 @@ def _trial(config: dict, context: dict) -> None:
                                        **common)}
     loop_config = {
         "spec": spec.to_dict(), "init_checkpoint": init.uri,
-        "epochs": job_d["stages"][context["index"]]["epochs"], "lr": config["lr"],
+        "epochs": context["epochs"], "budget": context["budget"],
+        "lr": config["lr"],
         "weight_decay": job_d["train"]["weight_decay"],
         "batch_size": job_d["train"]["batch_size"],
         "views_per_epoch": job_d["augment"]["views_per_epoch"],
@@ -158,7 +166,9 @@ def _prepare_child(variant: dict, context: dict, init: storage.Location):
     """Build the child's starting weights for ``variant`` and store them with
     the transfer report under ``init``. Returns (spec, tensors to freeze)."""
     if variant["op"] == "scratch":
-        spec = get_spec(variant["model"])
+        model = variant["model"]
+        spec = (ModelSpec.from_dict(model) if isinstance(model, dict)
+                else get_spec(model))
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(tmp, spec, build_model(spec).state_dict(), {"epoch": 0})
             storage.upload_dir(tmp, init)

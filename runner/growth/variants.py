@@ -12,7 +12,8 @@ def variant_label(variant: dict) -> str:
     """A short, stable, filesystem-safe name for a variant."""
     parts = [variant["op"]]
     for key in sorted(k for k in variant if k != "op"):
-        parts.append(f"{key}={variant[key]}")
+        value = variant[key]
+        parts.append(f"{key}={value['name'] if isinstance(value, dict) else value}")
     return "-".join(parts).replace("/", "_").replace(" ", "")
 
 
@@ -39,3 +40,39 @@ def select_winner(trials: list[dict]) -> dict:
         raise ValueError("no trial of this stage reported any epoch")
     # max() keeps the first of equals, so full ties fall to the first name.
     return max(finished, key=lambda t: (t["best"]["val_acc"], -t["best"]["flops"]))
+
+
+def path_curve(stages: list[dict]) -> list[dict]:
+    """Validation accuracy against cumulative training FLOPs along the chosen
+    path: each stage's winner, its FLOPs counted on top of all its ancestors'."""
+    curve, spent = [], 0.0
+    for stage in stages:
+        winner = next(t for t in stage["trials"] if t["name"] == stage["winner"])
+        for e in winner["epochs"]:
+            curve.append({"stage": stage["name"], "epoch": e["epoch"],
+                          "flops": spent + e["flops"], "val_acc": e["val_acc"]})
+        spent += winner["compute"]["flops"]
+    return curve
+
+
+def verdict(stages: list[dict], baseline: dict) -> dict:
+    """Did growing pay? The FLOPs the growth path needed to first reach the
+    baseline's best validation accuracy, as a fraction of all the FLOPs the
+    baseline spent; ``fraction`` is None when the path never got there."""
+    target = baseline["val_acc"]
+    spent = baseline["compute"]["flops"]
+    reached = next((p for p in path_curve(stages) if p["val_acc"] >= target), None)
+    out = {"baseline_best_val_acc": target, "baseline_flops": spent,
+           "growth_best_val_acc": max(p["val_acc"] for p in path_curve(stages)),
+           "growth_flops_to_match": reached["flops"] if reached else None,
+           "fraction": reached["flops"] / spent if reached and spent else None}
+    if reached:
+        out["text"] = (f"growing reached the baseline's best validation accuracy "
+                       f"({target:.4f}) with {100 * out['fraction']:.0f}% of the "
+                       f"baseline's compute ({reached['flops'] / 1e12:.2f} of "
+                       f"{spent / 1e12:.2f} TFLOP), in stage {reached['stage']}")
+    else:
+        out["text"] = (f"growing never reached the baseline's best validation "
+                       f"accuracy ({target:.4f}); its best was "
+                       f"{out['growth_best_val_acc']:.4f}")
+    return out

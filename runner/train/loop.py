@@ -55,14 +55,23 @@ def train_loop(config: dict) -> None:
 
     for epoch in range(start_epoch, config["epochs"]):
         t0 = time.perf_counter()
-        _set_frozen(model, config.get("frozen", []), epoch < config.get("freeze_epochs", 0))
-        counts = _train_epoch(model, optimizer, config)
+        frozen = (_params(model, config.get("frozen", []))
+                  if epoch < config.get("freeze_epochs", 0) else [])
+        counts = _train_epoch(model, optimizer, config, frozen)
         counts.update(_evaluate(model, config))
         counts = _all_reduce(counts)
         wall = time.perf_counter() - t0
         totals = _accumulate(totals, counts, wall, flops_per_image)
         metrics = _metrics(epoch + 1, counts, totals, wall)
         _report(metrics, spec, model, epoch + 1, totals, config)
+        if over_budget(metrics, config.get("budget") or {}):
+            break
+
+
+def over_budget(metrics: dict, budget: dict) -> bool:
+    """True once any budgeted counter (flops, cpu_s, wall_s) reached its cap;
+    checked at epoch ends, so a trial overshoots by at most one epoch."""
+    return any(metrics[unit] >= cap for unit, cap in budget.items())
 
 
 def _initial_state(spec: ModelSpec, config: dict):
@@ -84,14 +93,11 @@ def _initial_state(spec: ModelSpec, config: dict):
     return model, 0, totals
 
 
-def _set_frozen(model, names: list[str], frozen: bool) -> None:
-    """Freeze the transferred tensors for the first epochs, if asked."""
-    if not names:
-        return
+def _params(model, names: list[str]) -> list:
+    """The parameters called ``names`` (DDP's ``module.`` prefix ignored)."""
     wanted = set(names)
-    for name, param in model.named_parameters():
-        if name.removeprefix("module.") in wanted:
-            param.requires_grad_(not frozen)
+    return [p for n, p in model.named_parameters()
+            if n.removeprefix("module.") in wanted]
 
 
 def _to_input(images: torch.Tensor) -> torch.Tensor:
@@ -99,7 +105,13 @@ def _to_input(images: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def _train_epoch(model, optimizer, config: dict) -> dict:
+def _train_epoch(model, optimizer, config: dict, frozen: list) -> dict:
+    """One pass (or ``views_per_epoch`` passes) over this worker's shard.
+
+    ``frozen`` tensors keep their transferred values: their gradients are
+    dropped before the step, so Adam skips them. (Turning off requires_grad
+    instead would break DDP, which expects a gradient for every parameter.)
+    """
     model.train()
     shard = ray.train.get_dataset_shard("train")
     c = dict.fromkeys(_SUMS, 0.0)
@@ -119,6 +131,8 @@ def _train_epoch(model, optimizer, config: dict) -> dict:
             loss = F.binary_cross_entropy_with_logits(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            for p in frozen:
+                p.grad = None
             optimizer.step()
             c["step_s"] += time.perf_counter() - t_step
             c["loss_sum"] += loss.item() * len(y)
