@@ -58,6 +58,9 @@ def cmd_grow(args) -> None:
 def cmd_report(args) -> None:
     from runner.report import report
     print(report(args.run))
+    if args.html is not None:
+        from runner.report_html import write_html
+        print(f"wrote {write_html(args.run, args.html or None)}")
 
 
 # --- checkpoints, the runs they lie in, and data for them ----------------------
@@ -394,6 +397,8 @@ def _parser() -> argparse.ArgumentParser:
 
     s = add("report", cmd_report, "print a run's stages, trials, winners and compute")
     s.add_argument("run", help="the run's storage root")
+    s.add_argument("--html", nargs="?", const="", metavar="FILE",
+                   help="also write a self-contained page (default RUN/report.html)")
 
     _add_evaluate(add("evaluate", cmd_evaluate,
                       "score a run's winner or a checkpoint on an image folder"))
