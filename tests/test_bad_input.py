@@ -1,0 +1,65 @@
+"""Bad settings and paths stop a run with one line, before any cluster work."""
+
+import pytest
+import ray
+
+from runner.cli import main
+from runner.config import load_job
+from runner.errors import RunnerError
+from runner.resources import plan
+
+
+def grow(capsys, *sets):
+    code = main(["grow", "jobs/cats_dogs.yaml", *[f"--set={s}" for s in sets]])
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+def test_missing_data_folder_is_named_before_ray_starts(tmp_path, capsys):
+    code, err = grow(capsys, f"storage={tmp_path / 'run'}",
+                     f"data.root={tmp_path / 'nowhere'}")
+    assert code == 2
+    assert err[-1].startswith("runner: error:") and "nowhere" in err[-1]
+    assert not ray.is_initialized()
+
+
+def test_empty_class_folder_is_named_before_ray_starts(tmp_path, capsys,
+                                                      cats_dogs_subset):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(cats_dogs_subset, data)
+    for f in (data / "test_set" / "dogs").iterdir():
+        f.unlink()
+    code, err = grow(capsys, f"storage={tmp_path / 'run'}", f"data.root={data}")
+    assert code == 2 and "dogs" in err[-1] and "runner: error:" in err[-1]
+    assert not ray.is_initialized()
+
+
+def test_unwritable_storage_root_is_reported_before_training(tmp_path, capsys,
+                                                            cats_dogs_subset):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code, err = grow(capsys, f"storage={blocker / 'run'}",
+                     f"data.root={cats_dogs_subset}")
+    assert code == 2 and "not writable" in err[-1] and str(blocker) in err[-1]
+    assert not ray.is_initialized()
+
+
+def test_unknown_setting_on_the_command_line(capsys):
+    code, err = grow(capsys, "train.wrokers=2")
+    assert code == 2 and err == ["runner: error: unknown setting train.wrokers "
+                                 "(did you mean 'workers'?)"]
+
+
+def test_more_cpus_than_the_cluster_has_is_refused_with_numbers():
+    job = load_job("jobs/cats_dogs.yaml", ["train.workers=8",
+                                           "train.cpus_per_worker=1"])
+    with pytest.raises(RunnerError, match=r"needs 8.5 CPUs .* has 2"):
+        plan(job, cluster_cpus=2)
+
+
+def test_default_split_leaves_cpus_for_augmentation():
+    job = load_job("jobs/cats_dogs.yaml")
+    p = plan(job, cluster_cpus=2)
+    assert p.trial_cpus <= 2 and p.aug_cpus >= 0.5 and p.threads_per_worker == 1
+    assert plan(job, cluster_cpus=16).threads_per_worker == 6
