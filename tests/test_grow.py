@@ -121,3 +121,21 @@ def test_rerunning_a_finished_run_trains_nothing(tiny_run, cats_dogs_subset, cap
         again = grow(tiny_job(root, cats_dogs_subset))
     assert again["stages"] == json.loads(json.dumps(lineage["stages"]))
     assert "already done" in caplog.text
+
+
+def test_a_failed_stage_keeps_earlier_stages_and_checkpoints(tmp_path, cats_dogs_subset,
+                                                             ray_local):
+    from runner.errors import RunnerError
+
+    job = load_job("jobs/cats_dogs.yaml", [
+        f"storage={tmp_path}", f"data.root={cats_dogs_subset}",
+        "train.batch_size=16", "stages.0.epochs=1", "baseline=false",
+        # Block 7 does not exist: every trial of stage 2 fails while growing.
+        "stages.1.variants=[{op: widen_conv, block: 7, layer: 0, filters: 64}]"])
+    with pytest.raises(RunnerError, match="every trial failed"):
+        grow(job)
+    lineage = json.loads((tmp_path / "lineage.json").read_text())
+    assert [s["name"] for s in lineage["stages"]] == ["seed"]
+    assert not lineage["finished"]
+    ckpt = Path(lineage["stages"][0]["checkpoint"])
+    assert (ckpt / "model.pt").exists()
