@@ -165,10 +165,12 @@ def _shard_paths(context: dict, split: str):
 def _prepare_child(variant: dict, context: dict, init: storage.Location):
     """Build the child's starting weights for ``variant`` and store them with
     the transfer report under ``init``. Returns (spec, tensors to freeze)."""
+    seed = context["job"]["seed"]
     if variant["op"] == "scratch":
         model = variant["model"]
         spec = (ModelSpec.from_dict(model) if isinstance(model, dict)
                 else get_spec(model))
+        torch.manual_seed(seed)  # the same job seed gives the same first weights
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(tmp, spec, build_model(spec).state_dict(), {"epoch": 0})
             storage.upload_dir(tmp, init)
@@ -179,6 +181,7 @@ def _prepare_child(variant: dict, context: dict, init: storage.Location):
         params = {k: v for k, v in variant.items() if k not in ("op", "freeze_epochs")}
         if "to" in params:
             params["target_spec"] = get_spec(params.pop("to"))
+        params.setdefault("rng", seed)  # fresh tensors and symmetry-breaking noise
         spec, state, report = apply_op(p_spec, p_state, variant["op"], **params)
         images, labels = _drift_batch(context)
         measure_drift(p_spec, p_state, spec, state, images, labels, report)

@@ -224,8 +224,12 @@ def _report(metrics: dict, spec, model, epoch: int, totals: dict, config: dict):
              100 * metrics["data_wait_frac"])
     state = getattr(model, "module", model).state_dict()
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(tmp, spec, state, {"epoch": epoch, "totals": totals,
-                                           "metrics": metrics})
+        manifest = config["val"]["manifest"]
+        # Classes and pixel size make the checkpoint usable on its own
+        # (runner predict / evaluate) without the run that wrote it.
+        save_checkpoint(tmp, spec, state, {
+            "epoch": epoch, "totals": totals, "metrics": metrics,
+            "classes": manifest["classes"], "base_size": manifest["base_size"]})
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"epoch-{epoch:03d}")
 
