@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 import torch
 
 from ray import tune
-from ray.train import (CheckpointConfig, DataConfig, FailureConfig, RunConfig,
-                       ScalingConfig)
+from ray.train import (CheckpointConfig, DataConfig, FailureConfig, LoggingConfig,
+                       RunConfig, ScalingConfig)
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
@@ -147,7 +147,10 @@ def _trial(config: dict, context: dict) -> None:
             callbacks=[TuneReportCallback()],
             checkpoint_config=CheckpointConfig(num_to_keep=None),
             failure_config=FailureConfig(max_failures=2),
-            worker_runtime_env={"env_vars": worker_env(plan["threads_per_worker"])}),
+            worker_runtime_env={"env_vars": worker_env(plan["threads_per_worker"])},
+            # Our own epoch line says what a user needs; Ray Train's per-report
+            # INFO lines stay in the run's Ray log files.
+            logging_config=LoggingConfig(log_level="WARNING")),
     )
     trainer.fit()
 
