@@ -151,4 +151,4 @@ def build_dataset(shard_paths: list[str], filesystem, split: str, *,
         fn_constructor_kwargs=dict(split=split, val_fraction=val_fraction,
                                    base_size=base_size, image_size=image_size,
                                    augment=augment),
-        concurrency=(1, max_actors))
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors))
