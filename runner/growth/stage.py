@@ -91,9 +91,7 @@ def _tuner(trainable, param_space, stage: StageConfig, root: storage.Location):
                                     reuse_actors=False,
                                     trial_name_creator=_trial_name,
                                     trial_dirname_creator=_trial_name),
-        run_config=tune.RunConfig(
-            name=name, storage_path=root.path if not root.is_local else root.uri,
-            storage_filesystem=None if root.is_local else root.fs, verbose=0),
+        run_config=tune.RunConfig(name=name, verbose=0, **_ray_storage(root)),
     )
 
 
@@ -107,43 +105,63 @@ def _trial_name(trial) -> str:
 
 def _trial(config: dict, context: dict) -> None:
     """The trial driver: prepare the child, then train it under Ray Train."""
-    job_d, plan = context["job"], context["plan"]
     name = trial_name(config)
     root = storage.resolve(context["root"])
     init = root.join(context["stage"], "init", name)
     spec, frozen = _prepare_child(config["variant"], context, init)
+    loop_config = _loop_config(config, context, name, spec, frozen, init)
+    _trainer(loop_config, _datasets(context), context, name, root).fit()
 
-    data = job_d["data"]
+
+def _datasets(context: dict) -> dict:
+    """The augmented training stream; Ray Train splits it over the workers."""
+    job, plan = context["job"], context["plan"]
+    data = job["data"]
     shards, fs = _shard_paths(context, "train")
-    common = dict(val_fraction=data["val_fraction"], base_size=data["base_size"],
-                  image_size=data["image_size"], actor_cpus=_actor_cpus(plan),
-                  max_actors=plan["aug_actors"])
-    datasets = {"train": build_dataset(shards, fs, "train",
-                                       augment=AugmentConfig(**job_d["augment"]),
-                                       **common)}
-    loop_config = {
-        "spec": spec.to_dict(), "init_checkpoint": init.uri,
+    train = build_dataset(
+        shards, fs, "train", augment=AugmentConfig(**job["augment"]),
+        val_fraction=data["val_fraction"], base_size=data["base_size"],
+        image_size=data["image_size"], actor_cpus=_actor_cpus(plan),
+        max_actors=plan["aug_actors"])
+    return {"train": train}
+
+
+def _loop_config(config, context, name, spec, frozen, init) -> dict:
+    """Everything ``runner.train.loop.train_loop`` reads."""
+    job, plan = context["job"], context["plan"]
+    data = job["data"]
+    return {
+        "spec": spec.to_dict(), "init_checkpoint": init.uri, "trial": name,
         "epochs": context["epochs"], "budget": context["budget"],
-        "lr": config["lr"],
-        "weight_decay": job_d["train"]["weight_decay"],
-        "batch_size": job_d["train"]["batch_size"],
-        "views_per_epoch": job_d["augment"]["views_per_epoch"],
-        "threads": plan["threads_per_worker"], "trial": name,
+        "lr": config["lr"], "weight_decay": job["train"]["weight_decay"],
+        "batch_size": job["train"]["batch_size"],
+        "views_per_epoch": job["augment"]["views_per_epoch"],
+        "threads": plan["threads_per_worker"],
         "val": {"manifest": context["manifest"], "val_fraction": data["val_fraction"],
                 "image_size": data["image_size"]},
         "frozen": frozen, "freeze_epochs": config["variant"].get("freeze_epochs", 0),
     }
-    trainer = TorchTrainer(
+
+
+def _ray_storage(loc: storage.Location) -> dict:
+    """Ray's storage arguments: a local folder as is, anything else as a path
+    on its pyarrow filesystem."""
+    if loc.is_local:
+        return {"storage_path": loc.uri}
+    return {"storage_path": loc.path, "storage_filesystem": loc.fs}
+
+
+def _trainer(loop_config: dict, datasets: dict, context: dict, name: str,
+             root: storage.Location) -> TorchTrainer:
+    plan = context["plan"]
+    return TorchTrainer(
         train_loop, train_loop_config=loop_config, datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
         scaling_config=ScalingConfig(
             num_workers=plan["workers"],
             resources_per_worker={"CPU": plan["cpus_per_worker"]}),
         run_config=RunConfig(
-            name=name,
-            storage_path=root.join(context["stage"], "train").uri if root.is_local
-            else root.join(context["stage"], "train").path,
-            storage_filesystem=None if root.is_local else root.fs,
+            name=name, **_ray_storage(root.join(context["stage"], "train")),
             callbacks=[TuneReportCallback()],
             checkpoint_config=CheckpointConfig(num_to_keep=None),
             failure_config=FailureConfig(max_failures=2),
@@ -152,7 +170,6 @@ def _trial(config: dict, context: dict) -> None:
             # INFO lines stay in the run's Ray log files.
             logging_config=LoggingConfig(log_level="WARNING")),
     )
-    trainer.fit()
 
 
 def _actor_cpus(plan: dict) -> float:
