@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 
@@ -23,7 +24,7 @@ EXAMPLES = {
     "grow": "runner grow jobs/cats_dogs.yaml --set storage=runs/try1",
     "report": "runner report runs/cats_dogs",
     "evaluate": "runner evaluate runs/cats_dogs --data ../shared/datasets/cats_dogs",
-    "predict": "runner predict runs/cats_dogs/stage-2/.../epoch-003 cat.jpg",
+    "predict": "runner predict runs/cats_dogs/widen/train/TRIAL/epoch-003 cat.jpg",
     "transfer": "runner transfer --from CKPT --op plain_copy --to classifier_2 "
                 "--out runs/copied",
 }
@@ -238,7 +239,8 @@ def _predict_one(model, image_size: int, base: int, names: list, path: str) -> b
     from runner.data.pipeline import eval_view
     outcome = decode_image(path, base)
     if outcome.image is None:
-        print(f"runner: {path}: cannot decode: {outcome.reason} ({outcome.detail})",
+        detail = re.sub(r" at 0x[0-9a-f]+", "", str(outcome.detail))
+        print(f"runner: error: {path}: cannot decode: {outcome.reason} ({detail})",
               file=sys.stderr)
         return False
     # bytearray: a writable buffer, which torch.from_numpy wants

@@ -217,6 +217,10 @@ def load_job(path: str, overrides: list[str] = ()) -> JobConfig:
             raw = yaml.safe_load(f) or {}
     except FileNotFoundError:
         raise RunnerError(f"job file {path}: no such file") from None
+    except IsADirectoryError:
+        raise RunnerError(f"job file {path}: is a folder, not a file") from None
+    except UnicodeDecodeError:
+        raise RunnerError(f"job file {path}: not UTF-8 text") from None
     except yaml.YAMLError as err:
         raise RunnerError(f"job file {path}: not valid YAML ({err})") from err
     if not isinstance(raw, dict):

@@ -4,6 +4,7 @@ test accuracy and the compute spent."""
 from __future__ import annotations
 
 from runner import storage
+from runner.errors import RunnerError
 
 
 def _gflop(x: float) -> str:
@@ -53,6 +54,15 @@ def format_report(lineage: dict) -> str:
     return "\n".join(lines)
 
 
+def load_lineage(run: str) -> dict:
+    """A run's lineage.json, refused by name if it is not one."""
+    loc = storage.resolve(run).join("lineage.json")
+    lineage = storage.read_json(loc)
+    keys = ("run", "storage", "data", "stages")
+    if not isinstance(lineage, dict) or any(k not in lineage for k in keys):
+        raise RunnerError(f"{loc.uri}: not a runner lineage (needs {', '.join(keys)})")
+    return lineage
+
+
 def report(run: str) -> str:
-    root = storage.resolve(run)
-    return format_report(storage.read_json(root.join("lineage.json")))
+    return format_report(load_lineage(run))

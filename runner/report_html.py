@@ -13,6 +13,7 @@ from html import escape
 from math import ceil, floor, log10
 
 from runner import storage
+from runner.report import load_lineage
 from runner.growth.variants import path_curve
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2",
@@ -282,7 +283,7 @@ def write_html(run: str, out: str | None = None) -> str:
     """Render ``<run>/lineage.json`` to ``out`` (default ``<run>/report.html``);
     return the path or URI written."""
     root = storage.resolve(run)
-    page = render_html(storage.read_json(root.join("lineage.json")))
+    page = render_html(load_lineage(run))
     target = storage.resolve(out) if out else root.join("report.html")
     storage.write_bytes(target, page.encode("utf-8"))
     return target.uri

@@ -63,3 +63,23 @@ def test_default_split_leaves_cpus_for_augmentation():
     p = plan(job, cluster_cpus=2)
     assert p.trial_cpus <= 2 and p.aug_cpus >= 0.5 and p.threads_per_worker == 1
     assert plan(job, cluster_cpus=16).threads_per_worker == 6
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda p: p.write_bytes(bytes(range(128, 256))), "not UTF-8 text"),
+    (lambda p: p.mkdir(), "is a folder, not a file"),
+])
+def test_job_files_that_are_not_text_files(tmp_path, capsys, make, words):
+    job = tmp_path / "job.yaml"
+    make(job)
+    assert main(["grow", str(job)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"runner: error: job file {job}: {words}"]
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "{}", '{"run": "x"}'])
+def test_a_lineage_of_the_wrong_shape_is_refused(tmp_path, capsys, text):
+    (tmp_path / "lineage.json").write_text(text)
+    assert main(["report", str(tmp_path)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "not a runner lineage" in line and "lineage.json" in line
