@@ -20,8 +20,10 @@ from runner.model.checkpoint import load_checkpoint
 BATCH = 256
 
 
-def load_split(manifest: dict, split: str, val_fraction: float = 0.1):
-    """Pixels (N, base, base, 3) and labels of "test", "val" or "train"."""
+def load_split(manifest: dict, split: str, val_fraction: float = 0.1,
+               limit: int | None = None):
+    """Pixels (N, base, base, 3) and labels of "test", "val" or "train"; with
+    ``limit``, only the first ``limit`` rows (and only the shards they need)."""
     loc = storage.resolve(manifest["location"])
     source = "test" if split == "test" else "train"
     pixels, labels = [], []
@@ -33,7 +35,9 @@ def load_split(manifest: dict, split: str, val_fraction: float = 0.1):
         pixels.append(decode_pixels(table["image"].combine_chunks(),
                                     manifest["base_size"]))
         labels.append(table["label"].to_numpy())
-    return np.concatenate(pixels), np.concatenate(labels)
+        if limit is not None and sum(map(len, labels)) >= limit:
+            break
+    return np.concatenate(pixels)[:limit], np.concatenate(labels)[:limit]
 
 
 @torch.no_grad()

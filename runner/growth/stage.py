@@ -19,8 +19,6 @@ from __future__ import annotations
 import logging
 import tempfile
 
-import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from ray import tune
@@ -32,8 +30,8 @@ from ray.tune.schedulers import ASHAScheduler
 
 from runner import storage
 from runner.config import AugmentConfig, JobConfig, StageConfig
-from runner.data.pipeline import (READ_CPUS, build_dataset, decode_pixels,
-                                  eval_view, split_mask)
+from runner.data.pipeline import READ_CPUS, build_dataset, eval_view
+from runner.evaluate import load_split
 from runner.growth.variants import best_epoch, stage_variants, variant_label
 from runner.model import ModelSpec, build_model, get_spec
 from runner.model.checkpoint import load_checkpoint, save_checkpoint
@@ -215,18 +213,9 @@ def _prepare_child(variant: dict, context: dict, init: storage.Location):
 
 def _drift_batch(context: dict):
     """Up to DRIFT_IMAGES validation images, eval view, from the first shards."""
-    paths, fs = _shard_paths(context, "train")
     data = context["job"]["data"]
-    images, labels = [], []
-    for path in paths:
-        table = pq.read_table(path, filesystem=fs, columns=["image", "label", "fold"])
-        table = table.filter(split_mask(table["fold"], "val", data["val_fraction"]))
-        images.append(decode_pixels(table["image"].combine_chunks(), data["base_size"]))
-        labels.append(table["label"].to_numpy())
-        if sum(map(len, labels)) >= DRIFT_IMAGES:
-            break
-    pixels = np.concatenate(images)[:DRIFT_IMAGES]
-    y = np.concatenate(labels)[:DRIFT_IMAGES]
+    pixels, y = load_split(context["manifest"], "val", data["val_fraction"],
+                           limit=DRIFT_IMAGES)
     return eval_view(pixels, data["image_size"]), torch.from_numpy(y).float()
 
 
