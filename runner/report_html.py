@@ -3,7 +3,9 @@
 It shows the verdict, validation accuracy against training FLOPs for the
 growth path and the baseline, the lineage tree and every stage's trials.
 Inline CSS and SVG only, no scripts, fonts or links, so the page opens
-offline, as an attachment or straight out of object storage.
+offline, as an attachment or straight out of object storage. The public
+helpers (``esc``, ``fmt``, ``plot``, ``flops_plot``, ``lineage_tree``,
+``verdict_box``) also draw the live page of :mod:`runner.dashboard`.
 """
 
 from __future__ import annotations
@@ -43,11 +45,11 @@ svg .grid{stroke:#eee}svg .mark{stroke:#999;stroke-dasharray:4 3}
 """
 
 
-def _e(value) -> str:
+def esc(value) -> str:
     return escape(str(value), quote=True)
 
 
-def _f(value, spec: str = ".4f") -> str:
+def fmt(value, spec: str = ".4f") -> str:
     return "–" if value is None else format(value, spec)
 
 
@@ -95,21 +97,21 @@ def _axes(fr: _Frame, xlabel: str, ylabel: str, integer_x: bool) -> list[str]:
     mid_y = fr.top + fr.height / 2
     return out + [
         f'<text x="{fr.left + fr.width / 2}" y="{bottom + 32}" text-anchor="middle">'
-        f'{_e(xlabel)}</text>',
+        f'{esc(xlabel)}</text>',
         f'<text transform="translate(14 {mid_y}) rotate(-90)" text-anchor="middle">'
-        f'{_e(ylabel)}</text>']
+        f'{esc(ylabel)}</text>']
 
 
 def _lines(fr: _Frame, label: str, color: str, points: list) -> list[str]:
     xy = " ".join(f"{fr.x(x)},{fr.y(y)}" for x, y in points)
     out = [f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{xy}">'
-           f'<title>{_e(label)}</title></polyline>']
+           f'<title>{esc(label)}</title></polyline>']
     return out + [f'<circle cx="{fr.x(x)}" cy="{fr.y(y)}" r="3" fill="{color}">'
-                  f'<title>{_e(label)}: {y:.4f} at {x:g}</title></circle>'
+                  f'<title>{esc(label)}: {y:.4f} at {x:g}</title></circle>'
                   for x, y in points]
 
 
-def _plot(series: list, xlabel: str, ylabel: str, marks=(), legend: bool = True,
+def plot(series: list, xlabel: str, ylabel: str, marks=(), legend: bool = True,
           width: int = 760, height: int = 320, integer_x: bool = False) -> str:
     """An SVG line plot of ``series``, each (label, colour, [(x, y)]), with
     ``marks`` as labelled vertical guides at (x, label)."""
@@ -125,14 +127,14 @@ def _plot(series: list, xlabel: str, ylabel: str, marks=(), legend: bool = True,
     for x, label in marks:
         out.append(f'<line class="mark" x1="{fr.x(x)}" x2="{fr.x(x)}" y1="{fr.top}" '
                    f'y2="{fr.top + fr.height}"/><text x="{fr.x(x) + 3}" '
-                   f'y="{fr.top + 12}">{_e(label)}</text>')
+                   f'y="{fr.top + 12}">{esc(label)}</text>')
     for i, (label, color, points) in enumerate(series):
         out += _lines(fr, label, color, points)
         if legend:
             lx, ly = fr.left + fr.width + 14, fr.top + 10 + 18 * i
             out.append(f'<line x1="{lx}" x2="{lx + 20}" y1="{ly}" y2="{ly}" '
                        f'stroke="{color}" stroke-width="2"/>'
-                       f'<text x="{lx + 26}" y="{ly + 4}">{_e(label)}</text>')
+                       f'<text x="{lx + 26}" y="{ly + 4}">{esc(label)}</text>')
     return (f'<svg class="plot" width="{width}" height="{height}" '
             f'viewBox="0 0 {width} {height}">{"".join(out)}</svg>')
 
@@ -141,7 +143,7 @@ def _winner_trial(stage: dict) -> dict:
     return next((t for t in stage["trials"] if t["name"] == stage.get("winner")), {})
 
 
-def _flops_plot(lineage: dict) -> str:
+def flops_plot(lineage: dict) -> str:
     stages, base = lineage.get("stages", []), lineage.get("baseline")
     curve = path_curve(stages)
     base_epochs = _winner_trial(base).get("epochs", []) if base else []
@@ -154,21 +156,21 @@ def _flops_plot(lineage: dict) -> str:
               ("baseline (from scratch)", BASELINE,
                [(e["flops"] / unit, e["val_acc"]) for e in base_epochs])]
     marks = [(x / unit, s["name"]) for x, s in zip(starts, stages)]
-    return _plot(series, f"cumulative training FLOPs ({name})",
+    return plot(series, f"cumulative training FLOPs ({name})",
                  "validation accuracy", marks)
 
 
 def _node(stage: dict, trial: dict) -> str:
     won = trial["name"] == stage.get("winner")
     best = trial.get("best") or {}
-    bits = [trial.get("variant", {}).get("op", "?"), f"val {_f(best.get('val_acc'))}"]
+    bits = [trial.get("variant", {}).get("op", "?"), f"val {fmt(best.get('val_acc'))}"]
     if won:
-        bits.append(f"test {_f((stage.get('test') or {}).get('accuracy'))}")
+        bits.append(f"test {fmt((stage.get('test') or {}).get('accuracy'))}")
     tip = stage.get("checkpoint") if won else best.get("checkpoint", trial.get("error"))
-    path = f'<div class="path">{_e(stage.get("checkpoint"))}</div>' if won else ""
-    return (f'<span class="node{" won" if won else ""}" title="{_e(tip or "")}">'
-            f'<b>{_e(stage["name"])}</b> {_e(trial["name"])}<br>'
-            f'<small>{_e(" · ".join(bits))}</small>{path}</span>')
+    path = f'<div class="path">{esc(stage.get("checkpoint"))}</div>' if won else ""
+    return (f'<span class="node{" won" if won else ""}" title="{esc(tip or "")}">'
+            f'<b>{esc(stage["name"])}</b> {esc(trial["name"])}<br>'
+            f'<small>{esc(" · ".join(bits))}</small>{path}</span>')
 
 
 def _items(stage: dict, below: str) -> str:
@@ -177,7 +179,7 @@ def _items(stage: dict, below: str) -> str:
                    for t in stage["trials"])
 
 
-def _tree(lineage: dict) -> str:
+def lineage_tree(lineage: dict) -> str:
     """Nested lists: each stage's trials hang under the winner they grew from;
     the baseline is a root of its own."""
     stages, base = lineage.get("stages", []), lineage.get("baseline")
@@ -193,21 +195,21 @@ def _row(stage: dict, trial: dict, color: str) -> str:
     best, c = trial.get("best") or {}, trial.get("compute") or {}
     t = trial.get("transfer") or {}
     drift = "" if t.get("acc_child") is None else (
-        f"{_f(t.get('acc_parent'), '.3f')} → {_f(t['acc_child'], '.3f')}, "
-        f"max |Δlogit| {_f(t.get('max_abs_logit_diff'), '.3g')}")
+        f"{fmt(t.get('acc_parent'), '.3f')} → {fmt(t['acc_child'], '.3f')}, "
+        f"max |Δlogit| {fmt(t.get('max_abs_logit_diff'), '.3g')}")
     status = trial.get("status", "")
     if trial.get("error"):
         status += f": {trial['error']}"
     cells = [trial.get("variant", {}).get("op"), trial.get("lr"),
-             f"{_f(best['val_acc'])} (epoch {best['epoch']})" if best else "–",
+             f"{fmt(best['val_acc'])} (epoch {best['epoch']})" if best else "–",
              len(trial.get("epochs") or []), status,
-             _f(c.get("flops") and c["flops"] / 1e9, ",.1f"), _f(c.get("cpu_s"), ".0f"),
-             _f(c.get("wall_s"), ".0f"), drift]
+             fmt(c.get("flops") and c["flops"] / 1e9, ",.1f"),
+             fmt(c.get("cpu_s"), ".0f"), fmt(c.get("wall_s"), ".0f"), drift]
     cls = "won" if trial["name"] == stage.get("winner") else (
         "" if trial.get("epochs") else "failed")
     return (f'<tr class="{cls}"><td><span class="dot" style="background:{color}">'
-            f'</span>{_e(trial["name"])}</td>'
-            + "".join(f"<td>{_e(v)}</td>" for v in cells) + "</tr>")
+            f'</span>{esc(trial["name"])}</td>'
+            + "".join(f"<td>{esc(v)}</td>" for v in cells) + "</tr>")
 
 
 def _summary(stage: dict) -> str:
@@ -217,28 +219,28 @@ def _summary(stage: dict) -> str:
         origin += f", budget {stage['budget_flops'] / 1e12:.2f} TFLOP"
     test, path = stage.get("test") or {}, stage.get("path_compute") or {}
     per_class = ", ".join(f"{k} {v:.3f}" for k, v in test.get("per_class", {}).items())
-    return (f'<h2>stage {_e(stage.get("index", ""))} {_e(stage["name"])} '
-            f'<small>{_e(origin)}</small></h2><p>winner <b>{_e(stage.get("winner"))}'
-            f'</b>: val_acc {_f(stage.get("val_acc"))}, test accuracy '
-            f'{_f(test.get("accuracy"))} on {_e(test.get("images", "–"))} images '
-            f'({_e(per_class)}); path compute so far '
-            f'{_f(path.get("flops", 0) / 1e12, ".2f")} TFLOP, '
-            f'{_f(path.get("cpu_s"), ".0f")} cpu-s, '
-            f'{_f(path.get("wall_s"), ".0f")} s</p>')
+    return (f'<h2>stage {esc(stage.get("index", ""))} {esc(stage["name"])} '
+            f'<small>{esc(origin)}</small></h2><p>winner <b>{esc(stage.get("winner"))}'
+            f'</b>: val_acc {fmt(stage.get("val_acc"))}, test accuracy '
+            f'{fmt(test.get("accuracy"))} on {esc(test.get("images", "–"))} images '
+            f'({esc(per_class)}); path compute so far '
+            f'{fmt(path.get("flops", 0) / 1e12, ".2f")} TFLOP, '
+            f'{fmt(path.get("cpu_s"), ".0f")} cpu-s, '
+            f'{fmt(path.get("wall_s"), ".0f")} s</p>')
 
 
 def _stage(stage: dict) -> str:
     """Summary, trial table and val_acc per epoch; a trial's colour is the same
     in its table row and its line."""
     colors = [COLORS[i % len(COLORS)] for i in range(len(stage["trials"]))]
-    head = "".join(f"<th>{_e(h)}</th>" for h in (
+    head = "".join(f"<th>{esc(h)}</th>" for h in (
         "trial", "op", "lr", "best val_acc", "epochs", "status", "GFLOP", "cpu-s",
         "wall-s", "transfer: val acc parent → child, drift"))
     rows = "".join(_row(stage, t, c) for t, c in zip(stage["trials"], colors))
     series = [(t["name"], c, [(e["epoch"], e["val_acc"]) for e in t.get("epochs", [])])
               for t, c in zip(stage["trials"], colors)]
     return (_summary(stage) + f"<table><tr>{head}</tr>{rows}</table>"
-            + _plot(series, "epoch", "validation accuracy", legend=False, width=520,
+            + plot(series, "epoch", "validation accuracy", legend=False, width=520,
                     height=240, integer_x=True))
 
 
@@ -248,34 +250,34 @@ def _header(lineage: dict) -> str:
         f"{split} {sum(c.values())} ({', '.join(f'{k} {v}' for k, v in c.items())})"
         for split, c in data.get("counts", {}).items())
     state = "finished" if lineage.get("finished") else "unfinished"
-    return (f'<h1>run {_e(lineage.get("run", "?"))}</h1><p>storage '
-            f'<span class="path">{_e(lineage.get("storage", "?"))}</span> · <b>{state}'
-            f'</b><br>data: {_e(counts or "–")}; {_e(data.get("skipped", 0))} '
-            f'files skipped</p>')
+    return (f'<h1>run {esc(lineage.get("run", "?"))}</h1><p>storage '
+            f'<span class="path">{esc(lineage.get("storage", "?"))}</span> · '
+            f'<b>{state}</b><br>data: {esc(counts or "–")}; '
+            f'{esc(data.get("skipped", 0))} files skipped</p>')
 
 
-def _verdict(v: dict | None) -> str:
+def verdict_box(v: dict | None) -> str:
     if not v:
         return '<p class="muted">no baseline in this run (yet), so no verdict</p>'
     frac = v.get("fraction")
     share = "never matched" if frac is None else \
         f"{100 * frac:.0f}% of the baseline's FLOPs"
     return (f'<div class="verdict{" none" if frac is None else ""}"><p><b>verdict:</b> '
-            f'{_e(v.get("text", ""))}</p><p>growth needed {_e(share)}; baseline best '
-            f'val_acc {_f(v.get("baseline_best_val_acc"))}, growth best val_acc '
-            f'{_f(v.get("growth_best_val_acc"))}</p></div>')
+            f'{esc(v.get("text", ""))}</p><p>growth needed {esc(share)}; baseline best '
+            f'val_acc {fmt(v.get("baseline_best_val_acc"))}, growth best val_acc '
+            f'{fmt(v.get("growth_best_val_acc"))}</p></div>')
 
 
 def render_html(lineage: dict) -> str:
     """The whole page for one run's lineage, as a string."""
     stages = lineage.get("stages", []) + (
         [lineage["baseline"]] if lineage.get("baseline") else [])
-    body = [_header(lineage), _verdict(lineage.get("verdict")),
+    body = [_header(lineage), verdict_box(lineage.get("verdict")),
             "<h2>validation accuracy vs cumulative training FLOPs</h2>",
-            _flops_plot(lineage), "<h2>lineage</h2>", _tree(lineage),
+            flops_plot(lineage), "<h2>lineage</h2>", lineage_tree(lineage),
             *map(_stage, stages)]
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<title>run {_e(lineage.get("run", "?"))}</title><style>{CSS}</style>'
+            f'<title>run {esc(lineage.get("run", "?"))}</title><style>{CSS}</style>'
             f'</head><body>{"".join(body)}</body></html>\n')
 
 
