@@ -1,4 +1,4 @@
-"""``runner``: ingest, grow, report, evaluate, predict, transfer.
+"""``runner``: ingest, grow, report, evaluate, predict, transfer, export, import-keras.
 
 Errors the user can fix print as one line (``runner: error: ...``) and exit
 with status 2; anything else is a bug and keeps its traceback.
@@ -22,11 +22,16 @@ log = logging.getLogger(__name__)
 EXAMPLES = {
     "ingest": "runner ingest ../shared/datasets/cats_dogs runs/data",
     "grow": "runner grow jobs/cats_dogs.yaml --set storage=runs/try1",
+    "doctor": "runner doctor jobs/cats_dogs.yaml",
     "report": "runner report runs/cats_dogs",
+    "dashboard": "runner dashboard runs/cats_dogs --port 8266",
     "evaluate": "runner evaluate runs/cats_dogs --data ../shared/datasets/cats_dogs",
     "predict": "runner predict runs/cats_dogs/widen/train/TRIAL/epoch-003 cat.jpg",
     "transfer": "runner transfer --from CKPT --op plain_copy --to classifier_2 "
                 "--out runs/copied",
+    "import-keras": "runner import-keras classifier_1.weights.h5 --spec classifier_1 "
+                    "--out runs/imported",
+    "export": "runner export runs/cats_dogs --format onnx --out cats_dogs.onnx",
 }
 LINEAGE = "lineage.json"  # the same name runner.growth.loop writes
 DEFAULT_BASE_SIZE = 72  # px, ingest's default, for checkpoints that do not say
@@ -35,9 +40,16 @@ RUN_DEPTH = 8  # folders to climb from a checkpoint looking for its run
 DRIFT_IMAGES = 256  # as many as a stage measures drift on
 
 
-def _loopback_default() -> None:
-    # Keep every address of a Ray we start ourselves on 127.0.0.1.
+def _process_defaults() -> None:
+    """Settings Ray reads when it is imported, so set before any command runs.
+
+    - Every address of a Ray we start ourselves stays on 127.0.0.1.
+    - Ctrl-C stops a run at once (KeyboardInterrupt), as SIGKILL would: the
+      rerun resumes it. Tune's own handler would instead end the stage early
+      and return its results as if the stage had finished.
+    """
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
 
 
 def cmd_ingest(args) -> None:
@@ -52,8 +64,14 @@ def cmd_grow(args) -> None:
     job = load_job(args.job, args.set)
     if args.address:
         job.ray.address = args.address
-    _loopback_default()
     grow(job)
+
+
+def cmd_doctor(args) -> int:
+    from runner.doctor import run
+    # doctor prints one line per check; progress logs would only interleave
+    logging.getLogger().setLevel(logging.WARNING)
+    return run(args.job, args.set, args.address)
 
 
 def cmd_report(args) -> None:
@@ -62,6 +80,11 @@ def cmd_report(args) -> None:
     if args.html is not None:
         from runner.report_html import write_html
         print(f"wrote {write_html(args.run, args.html or None)}")
+
+
+def cmd_dashboard(args) -> None:
+    from runner.dashboard import serve
+    serve(args.run, args.host, args.port)
 
 
 # --- checkpoints, the runs they lie in, and data for them ----------------------
@@ -372,6 +395,41 @@ def _save(out, spec, state, meta: dict) -> None:
         storage.upload_dir(tmp, out)
 
 
+# --- export --------------------------------------------------------------------
+
+
+def cmd_export(args) -> None:
+    from runner.export import exporter
+    export, default = exporter(args.format)
+    checkpoint, lineage, _ = _target(args.checkpoint)
+    spec, state, meta = _load(checkpoint)
+    # these travel in the file; a run's lineage knows them when meta does not
+    meta = {**meta, "classes": _class_names(spec, meta, lineage),
+            "base_size": _base_size(meta, lineage)}
+    print(f"wrote {export(spec, state, meta, args.out or default)}")
+
+
+# --- import-keras ----------------------------------------------------------------
+
+
+def cmd_import_keras(args) -> None:
+    from runner import storage
+    from runner.keras_import import import_keras, parse_classes
+    from runner.model.spec import get_spec
+    spec = get_spec(args.spec)
+    classes = parse_classes(args.classes, spec)
+    out = storage.resolve(args.out)
+    if storage.exists(out.join("model.pt")):
+        raise RunnerError(f"--out {args.out} already holds a checkpoint; choose "
+                          "another folder")
+    state, meta = import_keras(args.weights, spec, classes, DEFAULT_BASE_SIZE)
+    _save(out, spec, state, meta)
+    source = meta["source"]
+    pairs = ", ".join(f"{k} <- {v}" for k, v in source["layers"].items())
+    print(f"{args.weights} ({source['layout']}) as {spec.name}: {pairs}")
+    print(f"wrote {out.uri}")
+
+
 # --- the parser ------------------------------------------------------------------
 
 
@@ -397,10 +455,25 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a setting, e.g. --set stages.0.epochs=1")
     s.add_argument("--address", help="Ray address ('auto' = a local ray start)")
 
+    s = add("doctor", cmd_doctor, "check the setup a run needs (versions, Ray, "
+            "storage, data, CPU plan), one line each; exit 1 if any check fails")
+    s.add_argument("job", nargs="?", help="job file to check (without one, only "
+                   "the machine and Ray are checked)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, as for grow")
+    s.add_argument("--address", help="Ray address to check instead of the job's")
+
     s = add("report", cmd_report, "print a run's stages, trials, winners and compute")
     s.add_argument("run", help="the run's storage root")
     s.add_argument("--html", nargs="?", const="", metavar="FILE",
                    help="also write a self-contained page (default RUN/report.html)")
+
+    s = add("dashboard", cmd_dashboard, "follow a run live on a local web page")
+    s.add_argument("run", help="the run's storage root (folder or URI)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on "
+                   "(default 127.0.0.1; the page has no authentication)")
+    s.add_argument("--port", type=int, default=8266,
+                   help="port (default 8266; 0 picks a free one)")
 
     _add_evaluate(add("evaluate", cmd_evaluate,
                       "score a run's winner or a checkpoint on an image folder"))
@@ -408,6 +481,12 @@ def _parser() -> argparse.ArgumentParser:
                      "classify image files with a checkpoint, one line each"))
     _add_transfer(add("transfer", cmd_transfer,
                       "grow or copy a checkpoint into a new one, with its report"))
+    _add_import_keras(add("import-keras", cmd_import_keras,
+                          "turn a Keras model's .h5 weights into a checkpoint of "
+                          "the same architecture"))
+    _add_export(add("export", cmd_export,
+                    "write a checkpoint as one TorchScript or ONNX file that "
+                    "outputs probabilities and runs without runner"))
     return p
 
 
@@ -429,6 +508,15 @@ def _add_predict(s) -> None:
     s.add_argument("images", metavar="IMAGE", nargs="+", help="image files")
 
 
+def _add_export(s) -> None:
+    s.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="checkpoint folder (or a run root: its last winner)")
+    s.add_argument("--format", required=True, metavar="FORMAT",
+                   help="torchscript or onnx (onnx needs the onnx extra)")
+    s.add_argument("--out", metavar="FILE", help="file to write (default: "
+                   "model.ts or model.onnx in the current folder)")
+
+
 def _add_transfer(s) -> None:
     s.add_argument("--from", dest="source", required=True, metavar="CHECKPOINT",
                    help="the parent checkpoint folder")
@@ -447,7 +535,19 @@ def _add_transfer(s) -> None:
     s.add_argument("--cache", metavar="DIR", help="where --data's shards are kept")
 
 
+def _add_import_keras(s) -> None:
+    s.add_argument("weights", metavar="WEIGHTS.h5", help="Keras weights: a Keras 3 "
+                   ".weights.h5, or a Keras 2 / legacy model.save HDF5 file")
+    s.add_argument("--spec", required=True, metavar="SPEC", help="the architecture "
+                   "it has: a name (classifier_1) or a spec JSON file")
+    s.add_argument("--out", required=True, metavar="DIR",
+                   help="folder for the new checkpoint")
+    s.add_argument("--classes", metavar="A,B", help="class names in label order "
+                   "(default: cats,dogs)")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _process_defaults()
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -41,13 +41,23 @@ def _running() -> str | None:
     return found[0] if found else None
 
 
+def find_address(configured: str | None = None) -> str | None:
+    """The cluster to join: ``configured`` (``--address`` or ``ray.address``),
+    else RAY_ADDRESS, else the one Ray running on this machine; None when
+    there is none (and a private local Ray would be started). Starts nothing."""
+    return configured or os.environ.get("RAY_ADDRESS") or _running()
+
+
 def connect(job: JobConfig) -> float:
     """Make sure Ray is up; return the cluster's CPU count."""
     if not ray.is_initialized():
-        address = job.ray.address or os.environ.get("RAY_ADDRESS") or _running()
+        address = find_address(job.ray.address)
         kwargs = {} if address else {"num_cpus": job.ray.num_cpus}
-        # Keep Ray's per-task console echo: it carries the trainers' epoch lines.
-        ray.init(address=address, logging_level=logging.WARNING, **kwargs)
+        # The driver prints its own progress line per epoch (runner.growth.
+        # progress); the workers' own output stays in Ray's log files
+        # (logs_dir) instead of flooding the console.
+        ray.init(address=address, logging_level=logging.WARNING,
+                 log_to_driver=False, **kwargs)
     cpus = ray.cluster_resources().get("CPU", 0.0)
     if cpus <= 0:
         raise RunnerError("the Ray cluster has no CPUs to train on")
@@ -55,3 +65,13 @@ def connect(job: JobConfig) -> float:
              len([n for n in ray.nodes() if n["Alive"]]),
              ray.get_runtime_context().gcs_address)
     return cpus
+
+
+def logs_dir() -> str | None:
+    """Where this machine's Ray session keeps its log files (every worker's
+    output, Ray Train's and Tune's own lines), or None if Ray does not say."""
+    try:
+        from ray._private.worker import _global_node
+        return _global_node.get_logs_dir_path() if _global_node else None
+    except Exception:  # a private attribute of Ray's: never let it stop a run
+        return None

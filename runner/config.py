@@ -182,7 +182,8 @@ def _build(cls, raw: Any, where: str):
                 raise RunnerError("stages must be a list")
             value = [_build(StageConfig, s, f"job.stages[{i}]")
                      for i, s in enumerate(value)]
-        elif key == "lr" and cls is StageConfig and not isinstance(value, list):
+        elif key == "lr" and cls is StageConfig and value is not None \
+                and not isinstance(value, list):
             value = [value]
         kwargs[key] = value
     try:

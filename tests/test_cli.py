@@ -2,6 +2,7 @@
 checkpoint and real JPEGs; no Ray and no training."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -205,3 +206,21 @@ def test_a_run_without_a_finished_stage_is_one_line(cats_dogs_subset, tmp_path,
     (tmp_path / "lineage.json").write_text(json.dumps({"stages": []}))
     status, _, err = run_cli(capsys, "evaluate", tmp_path, "--data", cats_dogs_subset)
     assert status == 2 and err.count("\n") == 1 and "no stage has finished" in err
+
+
+def test_the_cli_keeps_ray_on_loopback_before_ray_reads_its_settings():
+    """Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when it is imported;
+    the CLI must set it before any command imports Ray."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys\n"
+            "os.environ.pop('RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER', None)\n"
+            "from runner.cli import main\n"
+            "main(['grow', 'no-such-job.yaml'])\n"
+            "from ray._private import ray_constants\n"
+            "sys.exit(0 if ray_constants.ENABLE_RAY_CLUSTER is False else 1)\n")
+    env = {k: v for k, v in os.environ.items()
+           if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    assert subprocess.run([sys.executable, "-c", code], env=env,
+                          capture_output=True).returncode == 0

@@ -69,3 +69,12 @@ def test_missing_and_malformed_job_files(tmp_path):
         load_job(str(tmp_path / "nope.yaml"))
     with pytest.raises(RunnerError, match="not valid YAML"):
         load_job(write(tmp_path, "stages: [unclosed"))
+
+
+def test_the_job_a_run_writes_loads_back_as_the_same_job(tmp_path):
+    import yaml
+
+    job = load_job("jobs/cats_dogs.yaml")
+    written = tmp_path / "job.yaml"
+    written.write_text(yaml.safe_dump(job.to_dict(), sort_keys=False))
+    assert load_job(str(written)).to_dict() == job.to_dict()

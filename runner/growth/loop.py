@@ -31,7 +31,8 @@ from runner.config import JobConfig, StageConfig
 from runner.data.ingest import ingest, summary
 from runner.errors import RunnerError
 from runner.evaluate import evaluate_checkpoint
-from runner.growth.variants import select_winner, verdict
+from runner.growth.progress import LIVE, Progress
+from runner.growth.variants import select_winner, stage_trials, verdict
 from runner.model import train_flops_per_image
 from runner.model.checkpoint import load_checkpoint
 from runner.report import format_report
@@ -71,28 +72,55 @@ def grow(job: JobConfig) -> dict:
              "%g CPUs of augmentation", plan.workers, plan.cpus_per_worker,
              plan.threads_per_worker, plan.aug_cpus)
     lineage = _load_or_start(job, root, manifest)
+    progress = Progress(root, job.name, _planned(job), ray_logs=cluster.logs_dir())
+    log.info("run folder %s (live state in %s; Ray's own logs in %s)", root.uri,
+             root.join(LIVE).uri, cluster.logs_dir() or "the cluster's log folder")
+    try:
+        _stages(job, lineage, manifest, plan, root, progress, run_stage)
+        if job.baseline:
+            _run_baseline(job, lineage, manifest, plan, root, run_stage, progress)
+    except KeyboardInterrupt:
+        progress.finished("interrupted")
+        raise
+    except BaseException:
+        progress.finished("failed")
+        raise
+    lineage["finished"] = True
+    storage.write_json(root.join(LINEAGE), lineage)
+    progress.finished()
+    print(format_report(lineage))
+    return lineage
+
+
+def _planned(job: JobConfig) -> list[tuple]:
+    """(name, epochs, trials) of every stage, for the progress estimate."""
+    stages = [(s.name, s.epochs, stage_trials(s, i, job.train.lr))
+              for i, s in enumerate(job.stages)]
+    return stages + ([("baseline", 0, 1)] if job.baseline else [])
+
+
+def _stages(job, lineage, manifest, plan, root, progress, run_stage) -> None:
     done = {s["name"] for s in lineage["stages"]}
     for index, stage in enumerate(job.stages):
         if stage.name in done:
             log.info("stage %d (%s) already done, skipping", index + 1, stage.name)
+            progress.stage_done(stage.name)
             continue
         log.info("stage %d/%d (%s): %d epochs per trial", index + 1,
                  len(job.stages), stage.name, stage.epochs)
+        progress.stage_started(stage.name, stage.epochs,
+                               stage_trials(stage, index, job.train.lr))
         parent = _parent(lineage)
         t0 = time.time()
-        trials = run_stage(job, stage, index == 0, parent, manifest, plan, root)
+        trials = run_stage(job, stage, index == 0, parent, manifest, plan, root,
+                           callbacks=[progress.callback(stage.name)])
         record = _stage_record(index, stage.name, parent, trials, manifest, job,
                                lineage)
         record["driver_wall_s"] = time.time() - t0
         lineage["stages"].append(record)
         storage.write_json(root.join(LINEAGE), lineage)
+        progress.stage_done(stage.name)
         _log_winner(record)
-    if job.baseline and not lineage.get("baseline"):
-        _run_baseline(job, lineage, manifest, plan, root, run_stage)
-    lineage["finished"] = True
-    storage.write_json(root.join(LINEAGE), lineage)
-    print(format_report(lineage))
-    return lineage
 
 
 def _log_winner(record: dict) -> None:
@@ -116,25 +144,31 @@ def baseline_stage(job: JobConfig, lineage: dict, manifest: dict) -> StageConfig
                        budget={"flops": budget})
 
 
-def _run_baseline(job, lineage, manifest, plan, root, run_stage) -> None:
+def _run_baseline(job, lineage, manifest, plan, root, run_stage, progress) -> None:
+    if lineage.get("baseline"):
+        progress.stage_done("baseline")
+        return
     stage = baseline_stage(job, lineage, manifest)
     log.info("baseline: %s from scratch, budget %.2f TFLOP (up to %d epochs)",
              stage.model["name"], stage.budget["flops"] / 1e12, stage.epochs)
-    trials = run_stage(job, stage, True, None, manifest, plan, root)
+    progress.stage_started("baseline", stage.epochs, 1)
+    trials = run_stage(job, stage, True, None, manifest, plan, root,
+                       callbacks=[progress.callback("baseline")])
     record = _stage_record(len(job.stages), "baseline", None, trials, manifest, job,
                            {"stages": []})
     record["budget_flops"] = stage.budget["flops"]
     lineage["baseline"] = record
     lineage["verdict"] = verdict(lineage["stages"], record)
     storage.write_json(root.join(LINEAGE), lineage)
+    progress.stage_done("baseline")
     _log_winner(record)
     log.info("verdict: %s", lineage["verdict"]["text"])
 
 
 def _load_or_start(job: JobConfig, root: storage.Location, manifest: dict) -> dict:
     path = root.join(LINEAGE)
-    if storage.exists(path):
-        lineage = storage.read_json(path)
+    lineage = _read_lineage(path) if storage.exists(path) else None
+    if lineage is not None:
         if [s["name"] for s in lineage["stages"]] != \
                 [s.name for s in job.stages][:len(lineage["stages"])]:
             raise RunnerError(
@@ -145,6 +179,25 @@ def _load_or_start(job: JobConfig, root: storage.Location, manifest: dict) -> di
     data["skipped"] = len(manifest.get("skipped", []))
     return {"run": job.name, "storage": root.uri, "job": job.to_dict(),
             "data": data, "stages": [], "finished": False}
+
+
+def _read_lineage(path: storage.Location) -> dict | None:
+    """The lineage so far, or None if the file is damaged. A damaged file is
+    kept beside it for a look; the run then rebuilds the lineage from Tune's
+    own records of each stage (a finished stage restores without training)."""
+    try:
+        lineage = storage.read_json(path)
+        if isinstance(lineage, dict) and isinstance(lineage.get("stages"), list):
+            return lineage
+        problem = "not a lineage"
+    except RunnerError as err:
+        problem = str(err)
+    aside = storage.Location(path.fs, f"{path.path}.damaged-{int(time.time())}",
+                             f"{path.uri}.damaged-{int(time.time())}")
+    path.fs.move(path.path, aside.path)
+    log.warning("%s is damaged (%s); moved it to %s and rebuilding the lineage "
+                "from the stages' Tune results", path.uri, problem, aside.uri)
+    return None
 
 
 def _parent(lineage: dict) -> dict | None:

@@ -32,7 +32,7 @@ from runner import storage
 from runner.config import AugmentConfig, JobConfig, StageConfig
 from runner.data.pipeline import READ_CPUS, build_dataset, eval_view
 from runner.evaluate import load_split
-from runner.growth.variants import best_epoch, stage_variants, variant_label
+from runner.growth.variants import best_epoch, stage_variants, trial_name
 from runner.model import ModelSpec, build_model, get_spec
 from runner.model.checkpoint import load_checkpoint, save_checkpoint
 from runner.model.growth import apply_op, measure_drift
@@ -43,11 +43,21 @@ log = logging.getLogger(__name__)
 
 DRIFT_IMAGES = 256  # validation images the transfer drift is measured on
 
+# The trial driver only waits on its TorchTrainer: it holds no CPU, only a
+# token of memory (Tune refuses an empty request). It lives on the head node,
+# with the job's own driver, and so does the Ray Train controller it starts:
+# losing a (spot) worker node then costs a restart of the training workers,
+# never the trial.
+TRIAL_DRIVER = tune.PlacementGroupFactory(
+    [{"CPU": 0, "memory": 64 * 2**20, "node:__internal_head__": 0.001}])
+
 
 def run_stage(job: JobConfig, stage: StageConfig, first: bool, parent: dict | None,
-              manifest: dict, plan: Plan, root: storage.Location) -> list[dict]:
+              manifest: dict, plan: Plan, root: storage.Location,
+              callbacks: list | None = None) -> list[dict]:
     """Run one stage (``first``: train ``stage.model`` from scratch) and return
-    one record per trial (see :func:`trial_record`)."""
+    one record per trial (see :func:`trial_record`). ``callbacks`` are Tune
+    callbacks (the run's progress)."""
     variants = stage_variants(stage, 0 if first else 1)
     lrs = stage.lr or [job.train.lr]
     context = {"job": job.to_dict(), "stage": stage.name, "epochs": stage.epochs,
@@ -56,23 +66,23 @@ def run_stage(job: JobConfig, stage: StageConfig, first: bool, parent: dict | No
                "root": root.uri}
     trainable = tune.with_parameters(_trial, context=context)
     param_space = {"variant": tune.grid_search(variants), "lr": tune.grid_search(lrs)}
-    tuner = _tuner(trainable, param_space, stage, root)
+    tuner = _tuner(trainable, param_space, stage, root, callbacks or [])
     results = tuner.fit()
     return [trial_record(r, root, stage.name) for r in results]
 
 
-def _tuner(trainable, param_space, stage: StageConfig, root: storage.Location):
+def _tuner(trainable, param_space, stage: StageConfig, root: storage.Location,
+           callbacks: list):
     name, epochs = stage.name, stage.epochs
     exp = root.join(name)
-    # The trial driver only waits on its TorchTrainer: it holds no CPU, only
-    # a token of memory (Tune refuses an empty request).
-    trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 64 * 2**20})
+    trainable = tune.with_resources(trainable, TRIAL_DRIVER)
     remote_fs = None if root.is_local else root.fs
-    if tune.Tuner.can_restore(exp.uri, storage_filesystem=remote_fs):
+    exp_path = exp.uri if remote_fs is None else exp.path  # a path on remote_fs
+    if tune.Tuner.can_restore(exp_path, storage_filesystem=remote_fs):
         # A driver that died mid-stage: finished trials are kept, interrupted
         # ones continue from their last checkpoint.
         log.info("resuming stage %s from %s", name, exp.uri)
-        return tune.Tuner.restore(exp.uri, trainable, resume_errored=True,
+        return tune.Tuner.restore(exp_path, trainable, resume_errored=True,
                                   storage_filesystem=remote_fs)
     # ASHA's grace period: a grown network often dips for its first steps, so
     # no trial is judged before it has finished an epoch. max_t lies past the
@@ -89,12 +99,9 @@ def _tuner(trainable, param_space, stage: StageConfig, root: storage.Location):
                                     reuse_actors=False,
                                     trial_name_creator=_trial_name,
                                     trial_dirname_creator=_trial_name),
-        run_config=tune.RunConfig(name=name, verbose=0, **_ray_storage(root)),
+        run_config=tune.RunConfig(name=name, verbose=0, callbacks=callbacks,
+                                  **_ray_storage(root)),
     )
-
-
-def trial_name(config: dict) -> str:
-    return f"{variant_label(config['variant'])}-lr{config['lr']:g}"
 
 
 def _trial_name(trial) -> str:
@@ -157,7 +164,9 @@ def _trainer(loop_config: dict, datasets: dict, context: dict, name: str,
         dataset_config=DataConfig(datasets_to_split=["train"]),
         scaling_config=ScalingConfig(
             num_workers=plan["workers"],
-            resources_per_worker={"CPU": plan["cpus_per_worker"]}),
+            resources_per_worker={"CPU": plan["cpus_per_worker"]},
+            # Over as many nodes as there are: a lost node takes fewer workers.
+            placement_strategy="SPREAD"),
         run_config=RunConfig(
             name=name, **_ray_storage(root.join(context["stage"], "train")),
             callbacks=[TuneReportCallback()],
@@ -227,9 +236,13 @@ def trial_record(result, root: storage.Location, stage: str) -> dict:
     df = result.metrics_dataframe
     keep = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc",
             "images_per_s", "data_wait_frac", "flops", "cpu_s", "wall_s",
-            "images_seen", "checkpoint_path"]
+            "images_seen", "restarts", "checkpoint_path"]
     epochs = [] if df is None or "val_acc" not in df else \
         df[[k for k in keep if k in df]].to_dict("records")
+    for epoch in epochs:  # Ray reports paths on the filesystem; keep URIs
+        if isinstance(epoch.get("checkpoint_path"), str):
+            path = epoch["checkpoint_path"]
+            epoch["checkpoint_path"] = storage.within(root, path).uri
     record = {"name": name, "variant": cfg["variant"], "lr": cfg["lr"],
               "status": "error" if result.error else "done",
               "error": str(result.error).splitlines()[0] if result.error else None,
@@ -240,6 +253,7 @@ def trial_record(result, root: storage.Location, stage: str) -> dict:
                           "flops": best["flops"], "checkpoint": best["checkpoint_path"]}
         last = epochs[-1]
         record["compute"] = {k: last[k] for k in ("flops", "cpu_s", "wall_s")}
+        record["restarts"] = int(last.get("restarts", 0))
     return record
 
 

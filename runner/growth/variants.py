@@ -17,12 +17,23 @@ def variant_label(variant: dict) -> str:
     return "-".join(parts).replace("/", "_").replace(" ", "")
 
 
+def trial_name(config: dict) -> str:
+    """A trial's name from its Tune config: variant label and learning rate."""
+    return f"{variant_label(config['variant'])}-lr{config['lr']:g}"
+
+
 def stage_variants(stage: StageConfig, index: int) -> list[dict]:
     """The variants a stage runs: a fresh model for the first stage, the
     configured ops for every later one."""
     if index == 0:
         return [{"op": "scratch", "model": stage.model}]
     return [dict(v) for v in stage.variants]
+
+
+def stage_trials(stage: StageConfig, index: int, default_lr: float) -> int:
+    """How many trials stage ``index`` runs: its variants times its learning
+    rates."""
+    return len(stage_variants(stage, index)) * len(stage.lr or [default_lr])
 
 
 def best_epoch(epochs: list[dict]) -> dict:
