@@ -136,3 +136,36 @@ def test_non_json_meta_is_refused(tmp_path):
     with pytest.raises(RunnerError, match="meta.json"):
         save_checkpoint(tmp_path, spec, build_model(spec).state_dict(),
                         {"when": object()})
+
+
+def test_a_truncated_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog):
+    import logging
+
+    from runner import storage
+    from runner.model.checkpoint import load_newest_intact
+
+    spec = classifier_2()
+    torch.manual_seed(0)
+    states = {}
+    for epoch in (1, 2, 3):
+        states[epoch] = build_model(spec).state_dict()
+        save_checkpoint(tmp_path / f"epoch-{epoch:03d}", spec, states[epoch],
+                        {"epoch": epoch})
+    newest = tmp_path / "epoch-003" / "model.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    with caplog.at_level(logging.WARNING):
+        _, state, meta, used = load_newest_intact(
+            storage.resolve(str(tmp_path / "epoch-003")))
+    assert meta["epoch"] == 2 and used.path.endswith("epoch-002")
+    assert all(state[k].equal(states[2][k]) for k in state)
+    assert str(tmp_path / "epoch-003") in caplog.text
+    assert newest.stat().st_size == 1000  # the damaged file is left for a look
+
+
+def test_no_intact_checkpoint_at_all_is_one_clear_error(tmp_path):
+    from runner import storage
+    from runner.model.checkpoint import load_newest_intact
+
+    (tmp_path / "epoch-001").mkdir()
+    with pytest.raises(RunnerError, match="no intact checkpoint in .*epoch-001"):
+        load_newest_intact(storage.resolve(str(tmp_path / "epoch-001")))

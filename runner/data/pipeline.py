@@ -146,9 +146,15 @@ def build_dataset(shard_paths: list[str], filesystem, split: str, *,
     ds = ray.data.read_parquet(shard_paths, filesystem=filesystem,
                                columns=["image", "label", "fold"], num_cpus=read_cpus)
     return ds.map_batches(
-        ViewBatch, batch_format="pyarrow", batch_size=batch_size,
+        view_batch, batch_format="pyarrow", batch_size=batch_size,
         num_cpus=actor_cpus,
-        fn_constructor_kwargs=dict(split=split, val_fraction=val_fraction,
-                                   base_size=base_size, image_size=image_size,
-                                   augment=augment),
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors))
+        fn_kwargs=dict(split=split, val_fraction=val_fraction, base_size=base_size,
+                       image_size=image_size, augment=augment),
+        concurrency=max_actors)
+
+
+def view_batch(table: pa.Table, **settings) -> dict:
+    """``map_batches`` task: one :class:`ViewBatch` call. Tasks run in Ray's
+    pooled worker processes, so an epoch's stream starts without waiting for
+    new actor processes to come up and import torch."""
+    return ViewBatch(**settings)(table)

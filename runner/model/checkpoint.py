@@ -6,20 +6,31 @@ metadata plus the sha256 of ``model.pt``). Loading checks the hash first, then
 unpickles with ``weights_only=True``, so a checkpoint cannot run code: a
 pickle that asks for anything but tensors is refused
 (https://pytorch.org/docs/stable/generated/torch.load.html).
+
+A training run keeps one checkpoint per epoch (``.../epoch-NNN``);
+:func:`load_newest_intact` resumes from the newest one that passes these
+checks, warning by name about every newer one it had to pass over (a node
+that died while writing, a truncated upload).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import tempfile
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import torch
 
+from runner import storage
 from runner.errors import RunnerError
 from runner.model.growth import check_compatible
 from runner.model.spec import ModelSpec
+
+log = logging.getLogger(__name__)
 
 FILES = ("model.pt", "spec.json", "meta.json")
 # DistributedDataParallel wraps as `module.`, torch.compile as `_orig_mod.`
@@ -133,3 +144,28 @@ def load_checkpoint(directory) -> tuple[ModelSpec, dict, dict]:
     state_dict = normalise_keys(_load_tensors(model_path))
     check_compatible(spec, state_dict)
     return spec, state_dict, meta
+
+
+def epoch_checkpoints(newest: storage.Location) -> list[storage.Location]:
+    """``newest`` and the ``epoch-NNN`` folders beside it that sort before it,
+    newest first."""
+    parent, name = newest.path.rsplit("/", 1)
+    infos = newest.fs.get_file_info(pafs.FileSelector(parent))
+    earlier = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory
+                      and i.base_name.startswith("epoch-") and i.base_name < name),
+                     reverse=True)
+    base = storage.Location(newest.fs, parent, newest.uri.rsplit("/", 1)[0])
+    return [newest] + [base.join(n) for n in earlier]
+
+
+def load_newest_intact(newest: storage.Location):
+    """Load ``newest``, or if it is damaged the latest intact checkpoint before
+    it. Returns (spec, state_dict, meta, the Location loaded)."""
+    for loc in epoch_checkpoints(newest):
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                return (*load_checkpoint(storage.download_dir(loc, tmp)), loc)
+            except (RunnerError, OSError) as err:
+                log.warning("checkpoint %s is unusable, trying the one before it: "
+                            "%s", loc.uri, err)
+    raise RunnerError(f"no intact checkpoint in {newest.uri} or before it")

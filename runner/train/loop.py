@@ -32,7 +32,8 @@ from runner import storage
 from runner.data.pipeline import eval_view
 from runner.evaluate import load_split
 from runner.model import ModelSpec, build_model, train_flops_per_image
-from runner.model.checkpoint import load_checkpoint, save_checkpoint
+from runner.model.checkpoint import (load_checkpoint, load_newest_intact,
+                                     save_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +79,19 @@ def _initial_state(spec: ModelSpec, config: dict):
     """Weights to start from: our own last checkpoint after a restart, else the
     transfer prepared by the trial, else a fresh network."""
     model = build_model(spec)
-    totals = {"flops": 0.0, "cpu_s": 0.0, "wall_s": 0.0, "images": 0}
+    totals = {"flops": 0.0, "cpu_s": 0.0, "wall_s": 0.0, "images": 0, "restarts": 0}
     restored = ray.train.get_checkpoint()
     if restored is not None:
-        with restored.as_directory() as d:
-            _, state, meta = load_checkpoint(d)
+        # A worker or node died, or the driver was restarted: go on from the
+        # last intact epoch, and count the restart.
+        newest = storage.Location(restored.filesystem, restored.path, restored.path)
+        _, state, meta, used = load_newest_intact(newest)
         model.load_state_dict(state)
-        return model, meta["epoch"], meta["totals"]
+        totals = dict(meta["totals"], restarts=meta["totals"].get("restarts", 0) + 1)
+        log.info("%s: restart %d, resuming after epoch %d from %s",
+                 config.get("trial", "trial"), totals["restarts"], meta["epoch"],
+                 used.uri)
+        return model, meta["epoch"], totals
     if config.get("init_checkpoint"):
         with tempfile.TemporaryDirectory() as tmp:
             init = storage.resolve(config["init_checkpoint"])
@@ -190,7 +197,8 @@ def _accumulate(totals: dict, c: dict, wall: float, flops_per_image: float) -> d
     return {"flops": totals["flops"] + c["seen"] * flops_per_image,
             "cpu_s": totals["cpu_s"] + c["cpu_s"],
             "wall_s": totals["wall_s"] + wall,
-            "images": totals["images"] + int(c["seen"])}
+            "images": totals["images"] + int(c["seen"]),
+            "restarts": totals.get("restarts", 0)}
 
 
 def _metrics(epoch: int, c: dict, totals: dict, wall: float) -> dict:
@@ -210,6 +218,9 @@ def _metrics(epoch: int, c: dict, totals: dict, wall: float) -> dict:
         "cpu_s": totals["cpu_s"],
         "wall_s": totals["wall_s"],
         "images_seen": totals["images"],
+        # Times this trial's training went on from a checkpoint (a worker or
+        # node lost, or the driver restarted).
+        "restarts": totals.get("restarts", 0),
     }
 
 
