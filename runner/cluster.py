@@ -75,3 +75,9 @@ def logs_dir() -> str | None:
         return _global_node.get_logs_dir_path() if _global_node else None
     except Exception:  # a private attribute of Ray's: never let it stop a run
         return None
+
+
+def cpu_nodes() -> int:
+    """Nodes of the connected cluster that are alive and have CPUs."""
+    return max(1, sum(1 for n in ray.nodes()
+                      if n["Alive"] and n["Resources"].get("CPU", 0) > 0))

@@ -67,14 +67,15 @@ class AugmentConfig:
 
 @dataclass
 class TrainConfig:
-    workers: int = 2               # Ray Train workers per trial (data parallel)
+    workers: int | None = None     # Ray Train workers per trial; None = one per node
     cpus_per_worker: float | None = None  # None = auto (see runner.resources)
     batch_size: int = 64           # per worker
     lr: float = 1e-3               # Adam learning rate
     weight_decay: float = 0.0
 
     def validate(self) -> None:
-        _positive("train.workers", self.workers)
+        if self.workers is not None:
+            _positive("train.workers", self.workers)
         _positive("train.batch_size", self.batch_size)
         _positive("train.lr", self.lr)
         if self.cpus_per_worker is not None:

@@ -6,11 +6,19 @@ never starts and the trainers wait forever. So the split is decided here,
 before anything is launched, and a job that cannot fit stops at once with the
 numbers.
 
-Default on a cluster of C CPUs: a quarter (at least half a CPU) goes to
-augmentation, which costs about a fifth of a training step per image; the
-rest is shared by the training workers. Each training worker runs as many
-torch threads as whole CPUs it reserved (at least one), so cores are not
-oversubscribed by more than the fractional remainder.
+Default on a cluster of N nodes with C CPUs in all:
+
+- one training worker per node (``train.workers`` unset): inside a node,
+  torch's threads share the cores with no gradient exchange at all, while
+  two data-parallel processes on one node pay an all-reduce every step and
+  run one thread each;
+- a tenth of the CPUs, at least half a CPU, reserved for augmentation, which
+  costs about a tenth of a training step per image (bench/throughput.py);
+- each training worker reserves an equal share of the rest, and runs that
+  many torch threads, rounded to the nearest whole core. On 2 CPUs: one
+  worker of 1.5 CPUs with 2 threads, beside 0.5 CPUs of augmentation that
+  uses far less than its reservation; so cores are oversubscribed by at most
+  the fractional part of a reservation.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from runner.config import JobConfig
 from runner.data.pipeline import READ_CPUS
 from runner.errors import RunnerError
 
-AUG_SHARE = 0.25          # of the cluster's CPUs, when augment.cpus is not set
+AUG_SHARE = 0.1           # of the cluster's CPUs, when augment.cpus is not set
 MIN_AUG_CPUS = 0.5
 MIN_WORKER_CPUS = 0.25    # below this a worker is starved, not parallel
 AUG_ACTOR_CPUS = 0.5      # each augmentation actor's reservation
@@ -41,10 +49,10 @@ class Plan:
         return self.workers * self.cpus_per_worker + self.aug_cpus
 
 
-def plan(job: JobConfig, cluster_cpus: float) -> Plan:
-    """Size one trial for a cluster with ``cluster_cpus`` CPUs, or explain
-    why it cannot run."""
-    workers = job.train.workers
+def plan(job: JobConfig, cluster_cpus: float, nodes: int = 1) -> Plan:
+    """Size one trial for a cluster of ``nodes`` nodes with ``cluster_cpus``
+    CPUs in all (assumed alike), or explain why it cannot run."""
+    workers = job.train.workers or nodes
     aug = job.augment.cpus or max(MIN_AUG_CPUS, AUG_SHARE * cluster_cpus)
     per_worker = job.train.cpus_per_worker or (cluster_cpus - aug) / workers
     per_worker = math.floor(per_worker * 100) / 100
@@ -55,5 +63,11 @@ def plan(job: JobConfig, cluster_cpus: float) -> Plan:
             f"{max(per_worker, MIN_WORKER_CPUS):g} + {aug:g} for augmentation) but "
             f"the Ray cluster has {cluster_cpus:g}: lower train.workers, "
             f"train.cpus_per_worker or augment.cpus, or add nodes")
+    node_cpus = cluster_cpus / nodes
+    if per_worker > node_cpus + 1e-9:
+        raise RunnerError(
+            f"a training worker needs {per_worker:g} CPUs but a node has "
+            f"{node_cpus:g}: raise train.workers or lower train.cpus_per_worker")
     actors = max(1, int((aug - READ_CPUS) // AUG_ACTOR_CPUS))
-    return Plan(workers, per_worker, max(1, int(per_worker)), aug, actors)
+    threads = max(1, math.floor(per_worker + 0.5))
+    return Plan(workers, per_worker, threads, aug, actors)

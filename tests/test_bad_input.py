@@ -58,11 +58,19 @@ def test_more_cpus_than_the_cluster_has_is_refused_with_numbers():
         plan(job, cluster_cpus=2)
 
 
-def test_default_split_leaves_cpus_for_augmentation():
+def test_default_split_is_one_threaded_worker_per_node_beside_augmentation():
     job = load_job("jobs/cats_dogs.yaml")
     p = plan(job, cluster_cpus=2)
-    assert p.trial_cpus <= 2 and p.aug_cpus >= 0.5 and p.threads_per_worker == 1
-    assert plan(job, cluster_cpus=16).threads_per_worker == 6
+    assert (p.workers, p.cpus_per_worker, p.threads_per_worker, p.aug_cpus) == \
+        (1, 1.5, 2, 0.5)
+    p = plan(job, cluster_cpus=16, nodes=4)
+    assert (p.workers, p.threads_per_worker) == (4, 4) and p.trial_cpus <= 16
+
+
+def test_a_worker_larger_than_a_node_is_refused_with_numbers():
+    job = load_job("jobs/cats_dogs.yaml", ["train.workers=1"])
+    with pytest.raises(RunnerError, match=r"needs 14.4 CPUs but a node has 4"):
+        plan(job, cluster_cpus=16, nodes=4)
 
 
 @pytest.mark.parametrize("make, words", [

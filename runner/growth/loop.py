@@ -67,7 +67,7 @@ def grow(job: JobConfig) -> dict:
     from runner.growth.stage import run_stage
 
     root, manifest = prepare(job)
-    plan = resources.plan(job, cluster.connect(job))
+    plan = resources.plan(job, cluster.connect(job), cluster.cpu_nodes())
     log.info("each trial: %d training workers x %g CPUs (%d threads), "
              "%g CPUs of augmentation", plan.workers, plan.cpus_per_worker,
              plan.threads_per_worker, plan.aug_cpus)
