@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,23 +88,37 @@ class StageConfig:
     name: str
     epochs: int = 1                # epochs per trial
     model: str | None = None       # first stage: a spec name or JSON file
+    # first stage only: start from this checkpoint (folder or URI, e.g. one
+    # written by `runner import-keras`) instead of random weights
+    init: str | None = None
     variants: list[dict] = field(default_factory=list)  # later stages: ops
     lr: list[float] | None = None  # grid of learning rates; None = train.lr
     # Per-trial compute cap: {flops: 2e12} (training FLOPs), {cpu_s: 600}
     # (training workers' CPU-seconds) or {wall_s: 300}; a trial stops at the
     # end of the epoch that reaches it, or after `epochs`, whichever is first.
     budget: dict | None = None
+    # The same for the whole stage: its trials' spending summed. Once it is
+    # reached the running trial stops at its epoch end and no other starts.
+    stage_budget: dict | None = None
 
     def validate(self, index: int) -> None:
         where = f"stages[{index}] ({self.name})"
         _positive(f"{where}.epochs", self.epochs)
-        for unit, amount in (self.budget or {}).items():
-            if unit not in BUDGET_UNITS:
-                raise RunnerError(f"{where}.budget: unknown unit {unit!r}; use one "
-                                  f"of {', '.join(BUDGET_UNITS)}")
-            _positive(f"{where}.budget.{unit}", amount)
-        if index == 0 and not self.model:
-            raise RunnerError(f"{where}: the first stage needs `model:` (a spec)")
+        for key in ("budget", "stage_budget"):
+            for unit, amount in (getattr(self, key) or {}).items():
+                if unit not in BUDGET_UNITS:
+                    raise RunnerError(f"{where}.{key}: unknown unit {unit!r}; use "
+                                      f"one of {', '.join(BUDGET_UNITS)}")
+                _positive(f"{where}.{key}.{unit}", amount)
+        if index == 0 and not (self.model or self.init):
+            raise RunnerError(f"{where}: the first stage needs `model:` (a spec) "
+                              "or `init:` (a checkpoint)")
+        if index == 0 and self.model and self.init:
+            raise RunnerError(f"{where}: give `model:` or `init:`, not both (a "
+                              "checkpoint carries its own spec)")
+        if index > 0 and self.init:
+            raise RunnerError(f"{where}: only the first stage starts from `init:`; "
+                              "later stages start from the previous winner")
         if index > 0 and not self.variants:
             raise RunnerError(f"{where}: a growth stage needs `variants:`")
         for v in self.variants:
@@ -152,6 +167,24 @@ class JobConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads 2e12 (no dot or no sign in the exponent) as a string;
+    a job file means a number there, as YAML 1.2 and JSON do."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[0-9][0-9_]*[eE][-+]?[0-9]+
+                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def _yaml(text):
+    return yaml.load(text, Loader=_Loader)
 
 
 def _positive(name: str, value) -> None:
@@ -208,7 +241,7 @@ def _apply_override(raw: dict, assignment: str) -> None:
             raise RunnerError(f"--set {dotted}: no section {part!r}")
     if isinstance(node, list):
         raise RunnerError(f"--set {dotted}: {leaf!r} is not a list index in range")
-    node[leaf] = yaml.safe_load(text)
+    node[leaf] = _yaml(text)
 
 
 def load_job(path: str, overrides: list[str] = ()) -> JobConfig:
@@ -216,7 +249,7 @@ def load_job(path: str, overrides: list[str] = ()) -> JobConfig:
     against the current directory (where the command runs)."""
     try:
         with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f) or {}
+            raw = _yaml(f) or {}
     except FileNotFoundError:
         raise RunnerError(f"job file {path}: no such file") from None
     except IsADirectoryError:

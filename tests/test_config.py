@@ -78,3 +78,21 @@ def test_the_job_a_run_writes_loads_back_as_the_same_job(tmp_path):
     written = tmp_path / "job.yaml"
     written.write_text(yaml.safe_dump(job.to_dict(), sort_keys=False))
     assert load_job(str(written)).to_dict() == job.to_dict()
+
+
+@pytest.mark.parametrize("stages, words", [
+    ("[{name: a, model: classifier_1, init: runs/x}]", "not both"),
+    ("[{name: a, epochs: 1}]", "needs `model:` (a spec) or `init:`"),
+    ("[{name: a, model: classifier_1}, {name: b, init: x, variants: [{op: fresh}]}]",
+     "only the first stage starts from `init:`"),
+])
+def test_init_is_for_the_first_stage_instead_of_a_model(stages, words):
+    with pytest.raises(RunnerError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        load_job("jobs/cats_dogs.yaml", [f"stages={stages}"])
+
+
+def test_a_stage_budget_takes_the_same_units_as_a_trial_budget():
+    job = load_job("jobs/cats_dogs.yaml", ["stages.1.stage_budget={flops: 2.0e12}"])
+    assert job.stages[1].stage_budget == {"flops": 2.0e12}
+    with pytest.raises(RunnerError, match=r"stage_budget: unknown unit 'epochs'"):
+        load_job("jobs/cats_dogs.yaml", ["stages.1.stage_budget={epochs: 3}"])

@@ -77,3 +77,27 @@ def test_verdict_says_when_growing_never_got_there():
     stages = [stage("a", [.6, .7], 10.0)]
     v = verdict(stages, {"val_acc": .9, "compute": {"flops": 50.0}})
     assert v["fraction"] is None and "never reached" in v["text"]
+
+
+def test_a_first_stage_with_init_starts_from_that_checkpoint():
+    stage = StageConfig(name="seed", init="runs/imported")
+    assert stage_variants(stage, 0) == [{"op": "load", "checkpoint": "runs/imported"}]
+    assert variant_label(stage_variants(stage, 0)[0]) == "load"
+
+
+def test_a_stage_budget_sums_every_trial_running_totals():
+    from runner.growth.variants import StageBudget
+
+    budget = StageBudget({"flops": 100.0})
+    assert not budget.spend("a", {"flops": 30.0})
+    assert not budget.spend("a", {"flops": 60.0})  # cumulative: a has spent 60
+    assert not budget.exhausted()
+    assert budget.spend("b", {"flops": 40.0})      # 60 + 40 reaches the cap
+    assert budget.exhausted()
+
+
+def test_a_stage_budget_stops_on_whichever_unit_runs_out_first():
+    from runner.growth.variants import StageBudget
+
+    budget = StageBudget({"flops": 1e15, "wall_s": 10.0})
+    assert budget.spend("a", {"flops": 1.0, "wall_s": 12.0})

@@ -32,7 +32,8 @@ from runner import storage
 from runner.config import AugmentConfig, JobConfig, StageConfig
 from runner.data.pipeline import READ_CPUS, build_dataset, eval_view
 from runner.evaluate import load_split
-from runner.growth.variants import best_epoch, stage_variants, trial_name
+from runner.growth.variants import (StageBudget, best_epoch, stage_variants,
+                                    trial_name)
 from runner.model import ModelSpec, build_model, get_spec
 from runner.model.checkpoint import load_checkpoint, save_checkpoint
 from runner.model.growth import apply_op, measure_drift
@@ -100,8 +101,24 @@ def _tuner(trainable, param_space, stage: StageConfig, root: storage.Location,
                                     trial_name_creator=_trial_name,
                                     trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(name=name, verbose=0, callbacks=callbacks,
+                                  stop=_StageStopper(stage.stage_budget)
+                                  if stage.stage_budget else None,
                                   **_ray_storage(root)),
     )
+
+
+class _StageStopper(tune.Stopper):
+    """Tune's side of a stage budget (``stage_budget`` in the job): stop the
+    trial whose epoch spent the last of it, and start no other."""
+
+    def __init__(self, cap: dict):
+        self.budget = StageBudget(cap)
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return self.budget.spend(trial_id, result)
+
+    def stop_all(self) -> bool:
+        return self.budget.exhausted()
 
 
 def _trial_name(trial) -> str:
@@ -202,6 +219,8 @@ def _prepare_child(variant: dict, context: dict, init: storage.Location):
             save_checkpoint(tmp, spec, build_model(spec).state_dict(), {"epoch": 0})
             storage.upload_dir(tmp, init)
         return spec, []
+    if variant["op"] == "load":
+        return _load_start(variant["checkpoint"], init), []
     with tempfile.TemporaryDirectory() as tmp:
         parent = storage.resolve(context["parent"]["checkpoint"])
         p_spec, p_state, _ = load_checkpoint(storage.download_dir(parent, tmp + "/p"))
@@ -218,6 +237,20 @@ def _prepare_child(variant: dict, context: dict, init: storage.Location):
         storage.upload_dir(out, init)
     frozen = [t["name"] for t in report.to_dict()["tensors"] if t["status"] == "copied"]
     return spec, frozen
+
+
+def _load_start(checkpoint: str, init: storage.Location) -> ModelSpec:
+    """A first stage that starts from a checkpoint: its weights, verified,
+    become the trial's starting weights. Returns its spec."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec, state, meta = load_checkpoint(storage.download_dir(
+            storage.resolve(checkpoint), tmp + "/source"))
+        save_checkpoint(tmp + "/start", spec, state,
+                        {"epoch": 0, "source": checkpoint,
+                         "source_sha256": meta.get("sha256")})
+        storage.upload_dir(tmp + "/start", init)
+    log.info("starting from %s (%s)", checkpoint, spec.name)
+    return spec
 
 
 def _drift_batch(context: dict):
@@ -244,7 +277,8 @@ def trial_record(result, root: storage.Location, stage: str) -> dict:
             path = epoch["checkpoint_path"]
             epoch["checkpoint_path"] = storage.within(root, path).uri
     record = {"name": name, "variant": cfg["variant"], "lr": cfg["lr"],
-              "status": "error" if result.error else "done",
+              # "not run": the stage's budget was spent before it started
+              "status": "error" if result.error else "done" if epochs else "not run",
               "error": str(result.error).splitlines()[0] if result.error else None,
               "epochs": epochs, "transfer": _transfer_report(root, stage, name)}
     if epochs:

@@ -11,7 +11,8 @@ from runner.config import StageConfig
 def variant_label(variant: dict) -> str:
     """A short, stable, filesystem-safe name for a variant."""
     parts = [variant["op"]]
-    for key in sorted(k for k in variant if k != "op"):
+    # A checkpoint's path would make a long name; the stage records it anyway.
+    for key in sorted(k for k in variant if k not in ("op", "checkpoint")):
         value = variant[key]
         parts.append(f"{key}={value['name'] if isinstance(value, dict) else value}")
     return "-".join(parts).replace("/", "_").replace(" ", "")
@@ -23,8 +24,11 @@ def trial_name(config: dict) -> str:
 
 
 def stage_variants(stage: StageConfig, index: int) -> list[dict]:
-    """The variants a stage runs: a fresh model for the first stage, the
-    configured ops for every later one."""
+    """The variants a stage runs: for the first stage a fresh model (or the
+    weights of its ``init`` checkpoint), the configured ops for every later
+    one."""
+    if index == 0 and stage.init:
+        return [{"op": "load", "checkpoint": stage.init}]
     if index == 0:
         return [{"op": "scratch", "model": stage.model}]
     return [dict(v) for v in stage.variants]
@@ -87,3 +91,22 @@ def verdict(stages: list[dict], baseline: dict) -> dict:
                        f"accuracy ({target:.4f}); its best was "
                        f"{out['growth_best_val_acc']:.4f}")
     return out
+
+
+class StageBudget:
+    """A stage's budget over all its trials: ``cap`` maps units (flops, cpu_s,
+    wall_s) to limits. ``spend(trial, result)`` records a trial's running
+    totals (each result carries its cumulative counters) and says whether the
+    stage has now spent its budget."""
+
+    def __init__(self, cap: dict):
+        self.cap = dict(cap)
+        self.spent: dict[str, dict] = {}
+
+    def spend(self, trial: str, result: dict) -> bool:
+        self.spent[trial] = {u: result.get(u, 0.0) for u in self.cap}
+        return self.exhausted()
+
+    def exhausted(self) -> bool:
+        return any(sum(s[u] for s in self.spent.values()) >= limit
+                   for u, limit in self.cap.items())
