@@ -231,7 +231,7 @@ def step_seconds(name: str, args) -> float:
 
 
 def bench_step(args, res: Results) -> None:
-    for name in MODELS:
+    for name in args.models:
         seconds = step_seconds(name, args)
         res.step_s[name] = seconds
         res.add(Row("step", name, args.batch * args.steps, seconds * args.steps,
@@ -252,7 +252,7 @@ def bench_plain(manifest: dict, args, res: Results) -> None:
     pixels, labels = load_split(manifest, "train", args.val_fraction)
     load_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
-    for name in MODELS:
+    for name in args.models:
         model, optimizer = make_trainer(name, os.cpu_count())
         t0, seen = time.perf_counter(), 0
         for _ in range(args.epochs):
@@ -384,7 +384,7 @@ def bench_ray(args, data_root: str, manifest: dict, tmp: str, res: Results) -> N
     ray.init(num_cpus=os.cpu_count(), logging_level="WARNING")
     sampler.start()
     try:
-        for model in MODELS:
+        for model in args.models:
             t0 = time.perf_counter()
             lineage = grow(ray_job(args, model, data_root, manifest, tmp))
             e2e_row(model, lineage, time.perf_counter() - t0, res)
@@ -469,7 +469,7 @@ def projected_rate(step_s: float, numel: int, nodes: int, gbit: float,
 
 def bench_scale(args, tmp: str, res: Results) -> None:
     res.allreduce = measure_allreduce(args, tmp)
-    for name in MODELS:
+    for name in MODELS:  # the projection always covers both
         if name not in res.step_s:
             progress(f"scale: timing the {name} step (the step part was not run)")
             res.step_s[name] = step_seconds(name, args)
@@ -587,6 +587,8 @@ def parse_args(argv=None):
     p.add_argument("--images", type=int, default=None,
                    help="use about this many images (a copied subset): quick runs")
     p.add_argument("--epochs", type=int, default=1, help="plain and ray parts")
+    p.add_argument("--models", default=",".join(MODELS),
+                   help="comma list of the models to time (default: both)")
     p.add_argument("--job", default=str(ROOT / "jobs" / "cats_dogs.yaml"))
     p.add_argument("--batch", type=int, default=128, help="step, plain, scale")
     p.add_argument("--steps", type=int, default=30, help="timed steps per model")
@@ -597,6 +599,10 @@ def parse_args(argv=None):
     p.add_argument("--keep", action="store_true", help="keep the temp folder")
     args = p.parse_args(argv)
     parts = {s.strip() for s in args.only.split(",") if s.strip()}
+    args.models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    if set(args.models) - set(MODELS):
+        p.error(f"unknown model(s) {', '.join(sorted(set(args.models) - set(MODELS)))}; "
+                f"choose from {', '.join(MODELS)}")
     if parts - set(PARTS):
         p.error(f"unknown part(s) {', '.join(sorted(parts - set(PARTS)))}; "
                 f"choose from {', '.join(PARTS)}")
