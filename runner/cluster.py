@@ -52,6 +52,11 @@ def connect(job: JobConfig) -> float:
     """Make sure Ray is up; return the cluster's CPU count."""
     if not ray.is_initialized():
         address = find_address(job.ray.address)
+        if address and not (job.ray.address or os.environ.get("RAY_ADDRESS")):
+            # The one local cluster, found by us: "auto" makes Ray attach the
+            # cluster's auth token (~/.ray/auth_token), which it does not for
+            # an explicit address unless RAY_AUTH_MODE=token is set.
+            address = "auto"
         kwargs = {} if address else {"num_cpus": job.ray.num_cpus}
         # The driver prints its own progress line per epoch (runner.growth.
         # progress); the workers' own output stays in Ray's log files

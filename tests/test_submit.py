@@ -146,7 +146,7 @@ def stop(proc, temp_dir: str) -> set[int]:
     return left
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head():
     # A short path: Ray's Unix sockets live under it (108-byte limit).
     temp_dir = tempfile.mkdtemp(prefix="rs-", dir="/tmp")
@@ -257,3 +257,23 @@ def test_ray_job_submit_runs_every_stage(ray_head, cats_dogs_subset, tmp_path):
     for package in packages:
         assert (package / "jobs" / "grow.py").is_file()
         assert not (package / ".venv").exists() and not (package / "runs").exists()
+
+
+def test_runner_grow_joins_the_running_cluster_with_no_auth_settings(
+        ray_head, cats_dogs_subset, tmp_path):
+    """`ray start --head`, then plain `runner grow`: it finds the one cluster
+    on the machine and joins it, token auth and all, without RAY_ADDRESS or
+    RAY_AUTH_MODE."""
+    env = {k: v for k, v in ray_head["env"].items()
+           if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    run = tmp_path / "run"
+    sets = [f"storage={run}", f"data.root={cats_dogs_subset}", "baseline=false",
+            "train.batch_size=16", "stages=[{name: seed, model: classifier_2, epochs: 1}]"]
+    result = subprocess.run(
+        [str(RAY.with_name("runner")), "grow", JOB,
+         *[a for s in sets for a in ("--set", s)]],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=SUBMIT_TIMEOUT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    gcs = f"127.0.0.1:{ray_head['ports']['gcs']}"
+    assert f"joining the Ray cluster already running at {gcs}" in result.stderr
+    assert json.loads((run / "lineage.json").read_text())["finished"]
