@@ -228,6 +228,21 @@ def summary(manifest: dict) -> str:
     return "; ".join(parts)
 
 
+def check_layout(data_root: str) -> dict:
+    """The checks ingest makes before decoding, alone and cheap: ``{"root",
+    "classes", "counts": {split: {class: files}}, "skipped"}`` from listing the
+    folders, no image opened. RunnerError naming the folder at the first
+    problem: a missing split folder, class folders that differ between the
+    splits or number fewer than two, a class folder with no files."""
+    root = _check_root(data_root)
+    scan = _scan(root)
+    counts = {split: dict.fromkeys(scan.classes, 0) for split in SPLITS}
+    for item in scan.items:
+        counts[item.split][scan.classes[item.label]] += 1
+    return {"root": root, "classes": scan.classes, "counts": counts,
+            "skipped": len(scan.skipped)}
+
+
 # ---------------------------------------------------------- checks and scan
 
 
@@ -556,7 +571,7 @@ def _delete_quietly(loc: storage.Location) -> None:
     try:
         if storage.exists(loc):
             loc.fs.delete_dir(loc.path)
-    except OSError as err:
+    except (OSError, RunnerError) as err:  # RunnerError: storage gave up retrying
         log.warning("could not remove unfinished shards %s: %s", loc.uri, err)
 
 

@@ -1,0 +1,182 @@
+"""`runner doctor` on real data, real folders and a real local Ray.
+
+The tests without Ray come first: the module's Ray fixture starts a cluster
+at its first use and keeps it until the module ends.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runner.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = "jobs/cats_dogs.yaml"
+
+
+def doctor(capsys, *argv) -> tuple[int, list[str]]:
+    status = main(["doctor", *map(str, argv)])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return status, out.splitlines()
+
+
+def doctor_process(*argv, env=None) -> tuple[int, list[str]]:
+    """The installed command in its own process, as a user runs it."""
+    runner = Path(sys.executable).with_name("runner")
+    done = subprocess.run([str(runner), "doctor", *map(str, argv)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert "Traceback" not in done.stdout + done.stderr, done.stderr
+    return done.returncode, done.stdout.splitlines()
+
+
+def lines_with(lines: list[str], status: str) -> list[str]:
+    return [line for line in lines if line.startswith(status)]
+
+
+def running_clusters() -> list[str]:
+    from ray._private.services import find_gcs_addresses
+    return list(find_gcs_addresses())
+
+
+@pytest.fixture
+def data(cats_dogs_subset, tmp_path) -> Path:
+    """A private copy of the real subset, free to break."""
+    return Path(shutil.copytree(cats_dogs_subset, tmp_path / "data"))
+
+
+# --- without Ray ------------------------------------------------------------------
+
+
+def test_no_ray_running_is_not_a_failure_and_starts_nothing(capsys, data, tmp_path,
+                                                            monkeypatch):
+    import ray
+    if running_clusters():
+        pytest.skip("a Ray cluster already runs on this machine")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    status, lines = doctor(capsys, JOB, "--set", f"storage={tmp_path}/run",
+                           "--set", f"data.root={data}", "--set", "ray.num_cpus=3")
+    assert status == 0, lines
+    assert not lines_with(lines, "FAIL")
+    assert ("ok   no Ray cluster running; `runner grow` will start a local one "
+            "with 3 CPUs") in lines
+    assert any(line.startswith("ok   CPU plan:") and "of 3 CPUs" in line
+               for line in lines), lines
+    assert not ray.is_initialized()
+    assert running_clusters() == []
+    # the storage probe leaves no folder behind
+    assert not (tmp_path / "run").exists()
+
+
+def test_without_a_job_only_the_machine_is_checked(capsys, monkeypatch):
+    if running_clusters():
+        pytest.skip("a Ray cluster already runs on this machine")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    status, lines = doctor(capsys)
+    assert status == 0, lines
+    assert lines[0].startswith("ok   Python ") and "torch " in lines[0]
+    assert any(line.startswith("warn no job file given") for line in lines)
+    assert f"with {os.cpu_count()} CPUs" in "\n".join(lines)
+    assert not any("CPU plan" in line or "storage root" in line for line in lines)
+
+
+@pytest.mark.parametrize("damage, named", [
+    ("no_test_set", "test_set"),
+    ("empty_class", "training_set/dogs"),
+])
+def test_bad_data_folder_fails_naming_the_folder(capsys, data, tmp_path, damage,
+                                                 named):
+    if damage == "no_test_set":
+        shutil.rmtree(data / "test_set")
+    else:
+        for f in (data / "training_set" / "dogs").iterdir():
+            f.unlink()
+    status, lines = doctor(capsys, JOB, "--set", f"storage={tmp_path}/run",
+                           "--set", f"data.root={data}")
+    assert status == 1
+    fails = lines_with(lines, "FAIL")
+    assert len(fails) == 1, lines
+    assert str(data) in fails[0] and named in fails[0]
+    assert f"data.root in {JOB}" in fails[0]
+
+
+def test_unwritable_storage_root_fails_naming_it(capsys, data, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    root = blocker / "runs"
+    status, lines = doctor(capsys, JOB, "--set", f"storage={root}",
+                           "--set", f"data.root={data}")
+    assert status == 1
+    fails = lines_with(lines, "FAIL")
+    assert len(fails) == 1, lines
+    assert f"storage root {root} is not writable" in fails[0]
+    assert "set storage in" in fails[0]
+    assert blocker.read_text() == "not a folder"
+
+
+def test_a_bad_job_file_is_one_failed_line(capsys):
+    status, lines = doctor(capsys, JOB, "--set", "train.wrokers=2")
+    assert status == 1
+    fails = lines_with(lines, "FAIL")
+    assert len(fails) == 1 and JOB in fails[0]
+    assert "unknown setting train.wrokers (did you mean 'workers'?)" in fails[0]
+
+
+# --- against a real local Ray (2 CPUs) ----------------------------------------------
+
+
+def test_all_good_against_a_running_cluster(ray_local, data, tmp_path):
+    gcs = ray_local.get_runtime_context().gcs_address
+    status, lines = doctor_process(JOB, "--address", gcs,
+                                   "--set", f"storage={tmp_path}/run",
+                                   "--set", f"data.root={data}")
+    assert status == 0, lines
+    assert not lines_with(lines, "FAIL")
+    text = "\n".join(lines)
+    assert f"ok   Ray cluster at {gcs} (--address): 2 CPUs on 1 node" in text
+    assert "ok   Ray nodes: 127.0.0.1 (2 CPUs)" in text
+    assert "dashboard / job server at http://127.0.0.1:" in text
+    assert (f"ok   data {data}: files per class: train cats 40, dogs 40; "
+            "test cats 20, dogs 20") in text
+    assert "= 2 of 2 CPUs (the running cluster)" in text
+    assert "ok   each training worker runs " in text
+    assert f"ok   storage root {tmp_path}/run writable" in text
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_job_wanting_more_cpus_than_the_cluster_fails_with_the_numbers(
+        ray_local, data, tmp_path):
+    # no --address and no RAY_ADDRESS: doctor finds the running cluster itself
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    status, lines = doctor_process(JOB, "--set", f"storage={tmp_path}/run",
+                                   "--set", f"data.root={data}",
+                                   "--set", "train.workers=2",
+                                   "--set", "train.cpus_per_worker=2", env=env)
+    assert status == 1
+    assert any("(found running on this machine): 2 CPUs" in line for line in lines)
+    fails = lines_with(lines, "FAIL")
+    assert len(fails) == 1, lines
+    assert "a trial needs 4.5 CPUs (2 training workers x 2 + 0.5 for " \
+           "augmentation) but the Ray cluster has 2" in fails[0]
+    assert "train.cpus_per_worker" in fails[0]
+
+
+def test_joining_without_the_token_fails_saying_how_to_send_it(ray_local, tmp_path):
+    # the fixture's cluster uses Ray's default token auth
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        pytest.skip("this Ray runs without token auth")
+    gcs = ray_local.get_runtime_context().gcs_address
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    status, lines = doctor_process("--address", gcs, env=env)
+    assert status == 1
+    fails = lines_with(lines, "FAIL")
+    assert len(fails) == 1, lines
+    assert f"cannot join Ray at {gcs} (--address)" in fails[0]
+    assert "set RAY_AUTH_MODE=token" in fails[0]
