@@ -11,6 +11,9 @@ CATS_DOGS = Path(os.environ.get("RUNNER_CATS_DOGS",
                                 ROOT.parent / "shared" / "datasets" / "cats_dogs"))
 # Every Ray address the tests start stays on 127.0.0.1.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# As runner.cluster does for a Ray it starts: augmentation tasks reuse idle
+# worker processes instead of starting (and importing torch in) new ones.
+os.environ.setdefault("RAY_num_workers_soft_limit", "8")
 os.chdir(ROOT)  # job files name paths relative to the project
 
 

@@ -123,19 +123,34 @@ def test_rerunning_a_finished_run_trains_nothing(tiny_run, cats_dogs_subset, cap
     assert "already done" in caplog.text
 
 
-def test_a_failed_stage_keeps_earlier_stages_and_checkpoints(tmp_path, cats_dogs_subset,
-                                                             ray_local):
-    from runner.errors import RunnerError
+def test_a_run_starts_from_a_given_checkpoint_and_a_failed_stage_keeps_the_rest(
+        tmp_path, cats_dogs_subset, ray_local):
+    """Stage 1 starts from a checkpoint (as `runner import-keras` writes one)
+    instead of random weights; stage 2 fails, and stage 1 stays recorded."""
+    import torch
 
+    from runner.errors import RunnerError
+    from runner.model import build_model, classifier_1, load_checkpoint, save_checkpoint
+
+    torch.manual_seed(7)
+    given = build_model(classifier_1()).state_dict()
+    save_checkpoint(tmp_path / "imported", classifier_1(), given, {"epoch": 0})
+    root = tmp_path / "run"
     job = load_job("jobs/cats_dogs.yaml", [
-        f"storage={tmp_path}", f"data.root={cats_dogs_subset}",
+        f"storage={root}", f"data.root={cats_dogs_subset}",
         "train.batch_size=16", "stages.0.epochs=1", "baseline=false",
+        "stages.0.model=null", f"stages.0.init={tmp_path / 'imported'}",
         # Block 7 does not exist: every trial of stage 2 fails while growing.
         "stages.1.variants=[{op: widen_conv, block: 7, layer: 0, filters: 64}]"])
     with pytest.raises(RunnerError, match="every trial failed"):
         grow(job)
-    lineage = json.loads((tmp_path / "lineage.json").read_text())
+    lineage = json.loads((root / "lineage.json").read_text())
     assert [s["name"] for s in lineage["stages"]] == ["seed"]
     assert not lineage["finished"]
+    (seed,) = lineage["stages"][0]["trials"]
+    assert seed["variant"] == {"op": "load", "checkpoint": str(tmp_path / "imported")}
+    _, start, meta = load_checkpoint(root / "seed" / "init" / seed["name"])
+    assert all(start[k].equal(given[k]) for k in given)
+    assert meta["source"] == str(tmp_path / "imported")
     ckpt = Path(lineage["stages"][0]["checkpoint"])
     assert (ckpt / "model.pt").exists()

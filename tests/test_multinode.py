@@ -9,9 +9,9 @@ import pytest
 
 from runner.config import load_job
 from runner.growth.loop import grow
-from test_resilience import (EPOCHS, checkpoints, cpus_all_free,
-                                   only_the_epoch_in_flight_was_lost, settings,
-                                   wait_for)
+from test_resilience import (EPOCHS, cpus_all_free,
+                             only_the_epoch_in_flight_was_lost, reported_epochs,
+                             settings, wait_for)
 
 
 @pytest.fixture
@@ -46,13 +46,13 @@ def test_losing_the_worker_node_costs_at_most_the_epoch_in_flight(
     seen = {}
 
     def remove_worker_node_mid_epoch():
-        def first_checkpoint():
-            """the first epoch's checkpoint"""
-            return checkpoints(root)
-        wait_for(first_checkpoint)
+        def first_epoch():
+            """the first epoch's report"""
+            return reported_epochs(root) >= 1
+        wait_for(first_epoch)
         seen["nodes"] = training_worker_nodes(ray)
         time.sleep(1.0)  # into the next epoch
-        seen["newest"] = max(checkpoints(root))
+        seen["newest"] = reported_epochs(root)
         cluster.remove_node(worker, allow_graceful=False)
 
     killer = threading.Thread(target=remove_worker_node_mid_epoch)

@@ -150,11 +150,12 @@ def build_dataset(shard_paths: list[str], filesystem, split: str, *,
         num_cpus=actor_cpus,
         fn_kwargs=dict(split=split, val_fraction=val_fraction, base_size=base_size,
                        image_size=image_size, augment=augment),
-        concurrency=max_actors)
+        compute=ray.data.TaskPoolStrategy(size=max_actors))
 
 
 def view_batch(table: pa.Table, **settings) -> dict:
     """``map_batches`` task: one :class:`ViewBatch` call. Tasks run in Ray's
-    pooled worker processes, so an epoch's stream starts without waiting for
-    new actor processes to come up and import torch."""
+    pooled worker processes, which stay alive between tasks and epochs (see
+    ``runner.cluster.keep_idle_workers``), so an epoch's stream starts without
+    waiting for an actor pool to come up and import torch again."""
     return ViewBatch(**settings)(table)

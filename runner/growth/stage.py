@@ -270,8 +270,11 @@ def trial_record(result, root: storage.Location, stage: str) -> dict:
     keep = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc",
             "images_per_s", "data_wait_frac", "flops", "cpu_s", "wall_s",
             "images_seen", "restarts", "checkpoint_path"]
-    epochs = [] if df is None or "val_acc" not in df else \
+    rows = [] if df is None or "val_acc" not in df else \
         df[[k for k in keep if k in df]].to_dict("records")
+    # An epoch trained again after a restart (its checkpoint was lost) is
+    # reported twice; the later report is the one the model went on from.
+    epochs = list({row["epoch"]: row for row in rows}.values())
     for epoch in epochs:  # Ray reports paths on the filesystem; keep URIs
         if isinstance(epoch.get("checkpoint_path"), str):
             path = epoch["checkpoint_path"]
