@@ -23,11 +23,11 @@ EPOCHS = 3
 ACCURACY_NOISE = 0.2  # 40 test images, a model trained for 3 short epochs
 
 
-def settings(root, data) -> list[str]:
+def settings(root, data, views=6) -> list[str]:
     """One stage, classifier_2 from scratch, epochs long enough to be hit
     in the middle (6 augmented views of the 72 training images)."""
     return [f"storage={root}", f"data.root={data}", "train.batch_size=16",
-            "augment.views_per_epoch=6", "baseline=false",
+            f"augment.views_per_epoch={views}", "baseline=false",
             f"stages=[{{name: seed, model: classifier_2, epochs: {EPOCHS}}}]"]
 
 
@@ -83,13 +83,16 @@ def training_workers() -> list[int]:
     return pids
 
 
-def only_the_epoch_in_flight_was_lost(trial: dict, newest_at_failure: int):
-    """Epochs 1..EPOCHS each reported once; those after the failure come from
-    a restart that went on from the newest checkpoint written before it."""
+def restart_point(trial: dict) -> int:
+    """Each epoch reported once, and one restart: the number of epochs done
+    before it (the checkpoint the restarted workers went on from)."""
     epochs = trial["epochs"]
     assert [e["epoch"] for e in epochs] == list(range(1, EPOCHS + 1))
-    assert [e["restarts"] for e in epochs] == \
-        [0] * newest_at_failure + [1] * (EPOCHS - newest_at_failure)
+    restarts = [e["restarts"] for e in epochs]
+    done = restarts.count(0)
+    assert restarts == [0] * done + [1] * (EPOCHS - done)
+    assert done < EPOCHS, "no epoch after the restart"
+    return done
 
 
 def test_a_killed_training_worker_is_replaced_and_the_stage_completes(
@@ -118,19 +121,23 @@ def test_a_killed_training_worker_is_replaced_and_the_stage_completes(
     assert lineage["finished"]
     trial = lineage["stages"][0]["trials"][0]
     assert trial["status"] == "done" and trial["restarts"] == 1
-    only_the_epoch_in_flight_was_lost(trial, killed["newest"])
+    # It went on from the newest checkpoint there was when the worker died
+    # (at least the one the driver had heard of): only that epoch was lost.
+    assert restart_point(trial) >= killed["newest"]
     assert abs(lineage["stages"][0]["test"]["accuracy"] -
                reference["stages"][0]["test"]["accuracy"]) <= ACCURACY_NOISE
 
 
 def test_a_killed_driver_resumes_from_the_last_intact_checkpoint(
         tmp_path, cats_dogs_subset, ray_local, reference):
-    """SIGKILL `runner grow` after its second epoch's checkpoint, truncate that
-    checkpoint, run the same command again: it goes on from the first epoch's
-    checkpoint, with a warning naming the damaged file."""
+    """SIGKILL `runner grow` after its first epoch, truncate the newest
+    checkpoint its workers wrote before Ray stopped them, run the same command
+    again: it goes on from the checkpoint before that one."""
     root = tmp_path / "run"
     job_file = tmp_path / "job.yaml"
-    job = load_job("jobs/cats_dogs.yaml", settings(root, cats_dogs_subset))
+    # Longer epochs: Ray stops the workers of a killed driver only after a
+    # few seconds, and the last epoch must not be done by then.
+    job = load_job("jobs/cats_dogs.yaml", settings(root, cats_dogs_subset, views=15))
     job_file.write_text(yaml.safe_dump(job.to_dict()))
     command = [sys.executable, "-m", "runner.cli", "grow", str(job_file)]
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
@@ -139,11 +146,11 @@ def test_a_killed_driver_resumes_from_the_last_intact_checkpoint(
     with log.open("w") as out:
         driver = subprocess.Popen(command, env=env, stdout=out, stderr=out)
 
-    def two_epochs():
-        """two epochs' reports"""
+    def one_epoch():
+        """the first epoch's report"""
         assert driver.poll() is None, log.read_text()[-3000:]
-        return reported_epochs(root) >= 2
-    wait_for(two_epochs)
+        return reported_epochs(root) >= 1
+    wait_for(one_epoch)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     newest = max(checkpoints(root))
@@ -158,9 +165,9 @@ def test_a_killed_driver_resumes_from_the_last_intact_checkpoint(
     assert lineage["finished"]
     trial = lineage["stages"][0]["trials"][0]
     assert trial["restarts"] == 1
-    # Epoch `newest` was lost with its checkpoint and trained again; the
-    # lineage keeps its second run.
-    only_the_epoch_in_flight_was_lost(trial, newest - 1)
+    # Epoch `newest` was lost with its checkpoint and trained again (from the
+    # first weights if it was the first); the lineage keeps its second run.
+    assert restart_point(trial) == newest - 1
     assert abs(lineage["stages"][0]["test"]["accuracy"] -
                reference["stages"][0]["test"]["accuracy"]) <= ACCURACY_NOISE
 

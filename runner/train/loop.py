@@ -29,6 +29,7 @@ import ray.train
 import ray.train.torch
 
 from runner import storage
+from runner.errors import RunnerError
 from runner.data.pipeline import eval_view
 from runner.evaluate import load_split
 from runner.model import ModelSpec, build_model, train_flops_per_image
@@ -76,28 +77,40 @@ def over_budget(metrics: dict, budget: dict) -> bool:
 
 
 def _initial_state(spec: ModelSpec, config: dict):
-    """Weights to start from: our own last checkpoint after a restart, else the
-    transfer prepared by the trial, else a fresh network."""
-    model = build_model(spec)
-    totals = {"flops": 0.0, "cpu_s": 0.0, "wall_s": 0.0, "images": 0, "restarts": 0}
+    """Weights to start from, the epoch to go on after and the running totals:
+    our own newest intact checkpoint after a restart (a worker or node died,
+    or the driver was restarted), else the transfer the trial prepared, else a
+    fresh network."""
     restored = ray.train.get_checkpoint()
-    if restored is not None:
-        # A worker or node died, or the driver was restarted: go on from the
-        # last intact epoch, and count the restart.
-        newest = storage.Location(restored.filesystem, restored.path, restored.path)
+    if restored is None:
+        return _first_weights(spec, config), 0, _zero_totals()
+    newest = storage.Location(restored.filesystem, restored.path, restored.path)
+    try:
         _, state, meta, used = load_newest_intact(newest)
-        model.load_state_dict(state)
-        totals = dict(meta["totals"], restarts=meta["totals"].get("restarts", 0) + 1)
-        log.info("%s: restart %d, resuming after epoch %d from %s",
-                 config.get("trial", "trial"), totals["restarts"], meta["epoch"],
-                 used.uri)
-        return model, meta["epoch"], totals
+    except RunnerError as err:
+        log.warning("%s; starting the trial over from its first weights", err)
+        return _first_weights(spec, config), 0, dict(_zero_totals(), restarts=1)
+    model = build_model(spec)
+    model.load_state_dict(state)
+    totals = dict(meta["totals"], restarts=meta["totals"].get("restarts", 0) + 1)
+    log.info("%s: restart %d, resuming after epoch %d from %s",
+             config.get("trial", "trial"), totals["restarts"], meta["epoch"], used.uri)
+    return model, meta["epoch"], totals
+
+
+def _zero_totals() -> dict:
+    return {"flops": 0.0, "cpu_s": 0.0, "wall_s": 0.0, "images": 0, "restarts": 0}
+
+
+def _first_weights(spec: ModelSpec, config: dict):
+    """The child as the trial prepared it (or fresh if it prepared none)."""
+    model = build_model(spec)
     if config.get("init_checkpoint"):
         with tempfile.TemporaryDirectory() as tmp:
             init = storage.resolve(config["init_checkpoint"])
             _, state, _ = load_checkpoint(storage.download_dir(init, tmp))
         model.load_state_dict(state)
-    return model, 0, totals
+    return model
 
 
 def _params(model, names: list[str]) -> list:
