@@ -377,9 +377,11 @@ def bench_ray(args, data_root: str, manifest: dict, tmp: str, res: Results) -> N
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback
     import ray
 
+    from runner.cluster import keep_idle_workers
     from runner.growth.loop import grow
 
     sampler = PeakSampler(exclude=ray_pids())
+    keep_idle_workers(os.cpu_count() or 1)  # as `runner grow` does
     # The dashboard stays on: Ray Train frees a stopped trial's CPUs through it.
     ray.init(num_cpus=os.cpu_count(), logging_level="WARNING")
     sampler.start()

@@ -33,7 +33,7 @@ from runner.errors import RunnerError
 AUG_SHARE = 0.1           # of the cluster's CPUs, when augment.cpus is not set
 MIN_AUG_CPUS = 0.5
 MIN_WORKER_CPUS = 0.25    # below this a worker is starved, not parallel
-AUG_ACTOR_CPUS = 0.5      # each augmentation actor's reservation
+AUG_TASK_CPUS = 0.5       # each augmentation task's reservation
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class Plan:
     cpus_per_worker: float
     threads_per_worker: int
     aug_cpus: float
-    aug_actors: int
+    aug_tasks: int
 
     @property
     def trial_cpus(self) -> float:
@@ -68,6 +68,6 @@ def plan(job: JobConfig, cluster_cpus: float, nodes: int = 1) -> Plan:
         raise RunnerError(
             f"a training worker needs {per_worker:g} CPUs but a node has "
             f"{node_cpus:g}: raise train.workers or lower train.cpus_per_worker")
-    actors = max(1, int((aug - READ_CPUS) // AUG_ACTOR_CPUS))
+    tasks = max(1, int((aug - READ_CPUS) // AUG_TASK_CPUS))
     threads = max(1, math.floor(per_worker + 0.5))
-    return Plan(workers, per_worker, threads, aug, actors)
+    return Plan(workers, per_worker, threads, aug, tasks)

@@ -21,11 +21,15 @@ bounded by Ray Data's streaming window, not by the epoch.
 
 from __future__ import annotations
 
+import hashlib
+import time
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
+from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 from runner.config import AugmentConfig
 
@@ -44,9 +48,18 @@ def split_mask(fold: pa.Array, split: str, val_fraction: float) -> pa.Array:
     return pc.greater_equal(fold, cut)
 
 
+def count_rows(shard_paths: list[str], filesystem, split: str,
+               val_fraction: float) -> int:
+    """Rows of ``split`` in training_set shards, from their fold column only."""
+    import pyarrow.parquet as pq
+
+    folds = pq.read_table(shard_paths, filesystem=filesystem, columns=["fold"])
+    return pc.sum(split_mask(folds["fold"], split, val_fraction)).as_py() or 0
+
+
 def decode_pixels(column: pa.Array, base_size: int) -> np.ndarray:
     """Binary column of HWC uint8 images -> (N, base, base, 3) uint8 array."""
-    flat = b"".join(column.to_pylist())
+    flat = bytearray().join(column.to_pylist())  # writable, so torch may wrap it
     return np.frombuffer(flat, dtype=np.uint8).reshape(-1, base_size, base_size, 3)
 
 
@@ -94,17 +107,28 @@ def identity_affines(n: int) -> torch.Tensor:
 class ViewBatch:
     """``map_batches`` function: filter a split, then make one view per image.
 
-    A class, so each augmentation worker seeds its generator once from OS
-    entropy; a fresh draw per batch keeps views independent across epochs.
+    With a ``seed``, each batch draws its views from a generator keyed by the
+    seed, the pass over the data and the images in the batch, so the same job
+    seed gives the same views in every run (whichever worker process gets the
+    batch), and every pass different ones. Without, views come from OS
+    entropy.
     """
 
     def __init__(self, split: str, val_fraction: float, base_size: int,
-                 image_size: int, augment: AugmentConfig | None):
+                 image_size: int, augment: AugmentConfig | None,
+                 seed: int | None = None, pass_index: int = 0):
         self.split, self.val_fraction = split, val_fraction
         self.base_size, self.image_size = base_size, image_size
         self.augment = augment
-        self.rng = np.random.default_rng()
+        self.seed, self.pass_index = seed, pass_index
         torch.set_num_threads(1)  # one core per augmentation worker
+
+    def _rng(self, table: pa.Table) -> np.random.Generator:
+        if self.seed is None:
+            return np.random.default_rng()
+        names = "\0".join(table["path"].to_pylist()).encode()
+        batch = int.from_bytes(hashlib.blake2b(names, digest_size=8).digest(), "big")
+        return np.random.default_rng([self.seed, self.pass_index, batch])
 
     def __call__(self, table: pa.Table) -> dict:
         if self.split in ("train", "val"):
@@ -112,7 +136,7 @@ class ViewBatch:
                                             self.val_fraction))
         pixels = decode_pixels(table["image"].combine_chunks(), self.base_size)
         n = len(pixels)
-        theta = (random_affines(n, self.augment, self.rng) if self.augment
+        theta = (random_affines(n, self.augment, self._rng(table)) if self.augment
                  else identity_affines(n))
         return {"image": resample(pixels, theta, self.image_size),
                 "label": table["label"].to_numpy().astype(np.float32)}
@@ -128,12 +152,16 @@ def eval_view(pixels: np.ndarray, image_size: int) -> torch.Tensor:
 def build_dataset(shard_paths: list[str], filesystem, split: str, *,
                   val_fraction: float, base_size: int, image_size: int,
                   augment: AugmentConfig | None, batch_size: int = 256,
-                  actor_cpus: float = 0.5, max_actors: int = 1,
-                  read_cpus: float = READ_CPUS):
+                  task_cpus: float = 0.5, max_tasks: int = 1,
+                  read_cpus: float = READ_CPUS, passes: int = 1,
+                  seed: int | None = None):
     """A lazy Ray Dataset of {"image": uint8 (3,S,S), "label": float} rows.
 
     ``split`` is "train" or "val" (both read training_set shards) or "test".
-    ``augment`` None gives the deterministic eval view.
+    ``augment`` None gives the deterministic eval view. ``passes`` chains that
+    many passes over the shards into one stream, in order: a trainer reads a
+    whole trial's epochs from it without the stall of starting a new stream
+    at each epoch, and the stream works ahead while the trainer validates.
     """
     import ray.data
 
@@ -143,14 +171,49 @@ def build_dataset(shard_paths: list[str], filesystem, split: str, *,
     # the read tasks, which only copy column chunks.
     ctx = ray.data.DataContext.get_current()
     ctx.use_datasource_v2 = False
-    ds = ray.data.read_parquet(shard_paths, filesystem=filesystem,
-                               columns=["image", "label", "fold"], num_cpus=read_cpus)
-    return ds.map_batches(
-        view_batch, batch_format="pyarrow", batch_size=batch_size,
-        num_cpus=actor_cpus,
-        fn_kwargs=dict(split=split, val_fraction=val_fraction, base_size=base_size,
-                       image_size=image_size, augment=augment),
-        compute=ray.data.TaskPoolStrategy(size=max_actors))
+    # In order, so a seeded run sees the same images in the same order.
+    ctx.execution_options.preserve_order = True
+    if PacedScheduling not in ctx.custom_execution_callback_classes:
+        ctx.custom_execution_callback_classes.append(PacedScheduling)
+
+    def one_pass(index: int):
+        ds = ray.data.read_parquet(shard_paths, filesystem=filesystem,
+                                   columns=["image", "label", "fold", "path"],
+                                   num_cpus=read_cpus)
+        return ds.map_batches(
+            view_batch, batch_format="pyarrow", batch_size=batch_size,
+            num_cpus=task_cpus,
+            fn_kwargs=dict(split=split, val_fraction=val_fraction,
+                           base_size=base_size, image_size=image_size,
+                           augment=augment, seed=seed, pass_index=index),
+            compute=ray.data.TaskPoolStrategy(size=max_tasks))
+
+    first, *rest = [one_pass(i) for i in range(passes)]
+    return first.union(*rest) if rest else first
+
+
+class PacedScheduling(ExecutionCallback):
+    """Keep Ray Data's scheduling loop from spinning while it waits on us.
+
+    The streaming executor blocks in ``ray.wait`` only while it has tasks in
+    flight. Once the trainers are the bottleneck its output queue is full, no
+    task runs, and the loop turns without pause: measured on 2 CPUs, Ray Train's
+    split coordinator then burned over half a core, a quarter of the machine,
+    taken from the trainer it feeds. Each loop step is stretched to at least
+    ``MIN_STEP_S``; a step that waited on a task is already longer, so a busy
+    stream loses nothing and a backpressured one idles.
+    """
+
+    MIN_STEP_S = 0.05
+
+    def __init__(self):
+        self._last = time.perf_counter()
+
+    def on_execution_step(self, executor) -> None:
+        spare = self.MIN_STEP_S - (time.perf_counter() - self._last)
+        if spare > 0:
+            time.sleep(spare)
+        self._last = time.perf_counter()
 
 
 def view_batch(table: pa.Table, **settings) -> dict:

@@ -30,7 +30,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from runner import storage
 from runner.config import AugmentConfig, JobConfig, StageConfig
-from runner.data.pipeline import READ_CPUS, build_dataset, eval_view
+from runner.data.pipeline import READ_CPUS, build_dataset, count_rows, eval_view
 from runner.evaluate import load_split
 from runner.growth.variants import (StageBudget, best_epoch, stage_variants,
                                     trial_name)
@@ -132,19 +132,25 @@ def _trial(config: dict, context: dict) -> None:
     init = root.join(context["stage"], "init", name)
     spec, frozen = _prepare_child(config["variant"], context, init)
     loop_config = _loop_config(config, context, name, spec, frozen, init)
+    shards, fs = _shard_paths(context, "train")
+    loop_config["train_images"] = count_rows(
+        shards, fs, "train", context["job"]["data"]["val_fraction"])
     _trainer(loop_config, _datasets(context), context, name, root).fit()
 
 
 def _datasets(context: dict) -> dict:
-    """The augmented training stream; Ray Train splits it over the workers."""
+    """The augmented training stream, every epoch of the trial in one (the
+    workers count off their epochs, see ``runner.train.loop``); Ray Train
+    splits it over the workers."""
     job, plan = context["job"], context["plan"]
     data = job["data"]
     shards, fs = _shard_paths(context, "train")
     train = build_dataset(
         shards, fs, "train", augment=AugmentConfig(**job["augment"]),
         val_fraction=data["val_fraction"], base_size=data["base_size"],
-        image_size=data["image_size"], actor_cpus=_actor_cpus(plan),
-        max_actors=plan["aug_actors"])
+        image_size=data["image_size"], task_cpus=_task_cpus(plan),
+        max_tasks=plan["aug_tasks"], seed=job["seed"],
+        passes=context["epochs"] * job["augment"]["views_per_epoch"])
     return {"train": train}
 
 
@@ -162,6 +168,7 @@ def _loop_config(config, context, name, spec, frozen, init) -> dict:
         "val": {"manifest": context["manifest"], "val_fraction": data["val_fraction"],
                 "image_size": data["image_size"]},
         "frozen": frozen, "freeze_epochs": config["variant"].get("freeze_epochs", 0),
+        "seed": job["seed"],
     }
 
 
@@ -196,8 +203,8 @@ def _trainer(loop_config: dict, datasets: dict, context: dict, name: str,
     )
 
 
-def _actor_cpus(plan: dict) -> float:
-    return (plan["aug_cpus"] - READ_CPUS) / plan["aug_actors"]
+def _task_cpus(plan: dict) -> float:
+    return (plan["aug_cpus"] - READ_CPUS) / plan["aug_tasks"]
 
 
 def _shard_paths(context: dict, split: str):

@@ -38,6 +38,10 @@ from runner.model.checkpoint import (load_checkpoint, load_newest_intact,
 
 log = logging.getLogger(__name__)
 
+# Batches the shard iterator fetches ahead of the step, so the short stall
+# while the stream (re)starts at each epoch is absorbed rather than felt.
+PREFETCH_BATCHES = 4
+
 # Counters summed over workers after each epoch.
 _SUMS = ("loss_sum", "correct", "seen", "val_loss_sum", "val_correct",
          "val_seen", "cpu_s", "wait_s", "step_s")
@@ -55,11 +59,19 @@ def train_loop(config: dict) -> None:
                                  weight_decay=config.get("weight_decay", 0.0))
     flops_per_image = train_flops_per_image(spec)
 
+    stream = _batches(config)
+    per_epoch = config["train_images"] * config["views_per_epoch"] / _world_size()
     for epoch in range(start_epoch, config["epochs"]):
         t0 = time.perf_counter()
         frozen = (_params(model, config.get("frozen", []))
                   if epoch < config.get("freeze_epochs", 0) else [])
-        counts = _train_epoch(model, optimizer, config, frozen)
+        torch.manual_seed(config.get("seed", 0) + epoch)  # dropout masks
+        # Epochs are counted off one stream that holds the whole trial: the
+        # k-th (after a restart, counted from the restart) ends once this
+        # worker has seen k epochs' worth of images, the last one with the
+        # stream.
+        until = (epoch + 1 - start_epoch) * per_epoch
+        counts = _train_epoch(model, optimizer, stream, until, frozen)
         counts.update(_evaluate(model, config))
         counts = _all_reduce(counts)
         wall = time.perf_counter() - t0
@@ -125,39 +137,64 @@ def _to_input(images: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def _train_epoch(model, optimizer, config: dict, frozen: list) -> dict:
-    """One pass (or ``views_per_epoch`` passes) over this worker's shard.
+class _Stream:
+    """This worker's batches of the trial's stream, and how many images it has
+    handed out so far."""
 
-    ``frozen`` tensors keep their transferred values: their gradients are
-    dropped before the step, so Adam skips them. (Turning off requires_grad
-    instead would break DDP, which expects a gradient for every parameter.)
+    def __init__(self, batches):
+        self.batches, self.images = batches, 0
+
+    def next(self):
+        batch = next(self.batches, None)
+        if batch is not None:
+            self.images += len(batch["label"])
+        return batch
+
+
+def _batches(config: dict) -> _Stream:
+    shard = ray.train.get_dataset_shard("train")
+    return _Stream(iter(shard.iter_torch_batches(
+        batch_size=config["batch_size"], device="cpu",
+        prefetch_batches=PREFETCH_BATCHES)))
+
+
+def _world_size() -> int:
+    return ray.train.get_context().get_world_size()
+
+
+def _train_epoch(model, optimizer, stream: _Stream, until: float,
+                 frozen: list) -> dict:
+    """Train on ``stream`` until it has handed out ``until`` images (or ends).
+
+    Every worker's share of the stream is the same size and comes in full
+    batches but for the very last, so all workers take the same number of
+    steps and DDP's all-reduces pair up. ``frozen`` tensors keep their
+    transferred values: their gradients are dropped before the step, so Adam
+    skips them. (Turning off requires_grad instead would break DDP, which
+    expects a gradient for every parameter.)
     """
     model.train()
-    shard = ray.train.get_dataset_shard("train")
     c = dict.fromkeys(_SUMS, 0.0)
     cpu0 = time.process_time()
-    for _ in range(config["views_per_epoch"]):
-        batches = iter(shard.iter_torch_batches(batch_size=config["batch_size"],
-                                                device="cpu"))
-        while True:
-            t_wait = time.perf_counter()
-            batch = next(batches, None)
-            t_step = time.perf_counter()
-            c["wait_s"] += t_step - t_wait
-            if batch is None:
-                break
-            x, y = _to_input(batch["image"]), batch["label"].float()
-            logits = model(x).squeeze(1)
-            loss = F.binary_cross_entropy_with_logits(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            for p in frozen:
-                p.grad = None
-            optimizer.step()
-            c["step_s"] += time.perf_counter() - t_step
-            c["loss_sum"] += loss.item() * len(y)
-            c["correct"] += ((logits > 0).float() == y).sum().item()
-            c["seen"] += len(y)
+    while stream.images < until:
+        t_wait = time.perf_counter()
+        batch = stream.next()
+        t_step = time.perf_counter()
+        c["wait_s"] += t_step - t_wait
+        if batch is None:
+            break
+        x, y = _to_input(batch["image"]), batch["label"].float()
+        logits = model(x).squeeze(1)
+        loss = F.binary_cross_entropy_with_logits(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for p in frozen:
+            p.grad = None
+        optimizer.step()
+        c["step_s"] += time.perf_counter() - t_step
+        c["loss_sum"] += loss.item() * len(y)
+        c["correct"] += ((logits > 0).float() == y).sum().item()
+        c["seen"] += len(y)
     c["cpu_s"] = time.process_time() - cpu0
     return c
 
