@@ -22,7 +22,8 @@ from runner.errors import RunnerError
 
 BUDGET_UNITS = ("flops", "cpu_s", "wall_s")
 GROWTH_OPS = ("widen_conv", "widen_dense", "deepen_conv", "deepen_block",
-              "plain_copy", "fresh")
+              "plain_copy", "fresh", "combine")
+COMBINED_OPS = GROWTH_OPS[:4]  # what a `combine` variant's steps may be
 
 
 @dataclass
@@ -35,8 +36,8 @@ class DataConfig:
     val_fraction: float = 0.1      # of training_set, held out for selection
 
     def validate(self) -> None:
-        _positive("data.base_size", self.base_size)
-        _positive("data.image_size", self.image_size)
+        _whole("data.base_size", self.base_size)
+        _whole("data.image_size", self.image_size)
         if self.image_size > self.base_size:
             raise RunnerError(
                 f"data.image_size ({self.image_size}) must not exceed "
@@ -56,7 +57,7 @@ class AugmentConfig:
     cpus: float | None = None      # CPUs for augmentation workers; None = auto
 
     def validate(self) -> None:
-        _positive("augment.views_per_epoch", self.views_per_epoch)
+        _whole("augment.views_per_epoch", self.views_per_epoch)
         if not 0 <= self.zoom < 1:
             raise RunnerError(f"augment.zoom must be in [0, 1), got {self.zoom}")
         if not 0 <= self.rotation <= 180:
@@ -76,8 +77,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         if self.workers is not None:
-            _positive("train.workers", self.workers)
-        _positive("train.batch_size", self.batch_size)
+            _whole("train.workers", self.workers)
+        _whole("train.batch_size", self.batch_size)
         _positive("train.lr", self.lr)
         if self.cpus_per_worker is not None:
             _positive("train.cpus_per_worker", self.cpus_per_worker)
@@ -103,13 +104,17 @@ class StageConfig:
 
     def validate(self, index: int) -> None:
         where = f"stages[{index}] ({self.name})"
-        _positive(f"{where}.epochs", self.epochs)
+        _whole(f"{where}.epochs", self.epochs)
         for key in ("budget", "stage_budget"):
             for unit, amount in (getattr(self, key) or {}).items():
                 if unit not in BUDGET_UNITS:
                     raise RunnerError(f"{where}.{key}: unknown unit {unit!r}; use "
                                       f"one of {', '.join(BUDGET_UNITS)}")
                 _positive(f"{where}.{key}.{unit}", amount)
+        for key in ("model", "init"):
+            if getattr(self, key) is not None and not isinstance(getattr(self, key), str):
+                raise RunnerError(f"{where}.{key} must be a name or a path, got "
+                                  f"{getattr(self, key)!r}")
         if index == 0 and not (self.model or self.init):
             raise RunnerError(f"{where}: the first stage needs `model:` (a spec) "
                               "or `init:` (a checkpoint)")
@@ -126,6 +131,8 @@ class StageConfig:
             if op not in GROWTH_OPS:
                 ops = ", ".join(GROWTH_OPS)
                 raise RunnerError(f"{where}: variant {v!r} needs `op:` one of {ops}")
+            if op == "combine":
+                _check_steps(where, v)
         for lr in self.lr or []:
             _positive(f"{where}.lr", lr)
 
@@ -136,6 +143,10 @@ class RayConfig:
     # the `ray start` cluster on this machine
     address: str | None = None
     num_cpus: int | None = None    # CPUs of a cluster we start; None = all
+
+    def validate(self) -> None:
+        if self.num_cpus is not None:
+            _whole("ray.num_cpus", self.num_cpus)
 
 
 @dataclass
@@ -156,6 +167,8 @@ class JobConfig:
         self.data.validate()
         self.augment.validate()
         self.train.validate()
+        self.ray.validate()
+        _whole("seed", self.seed, low=0)
         if not self.stages:
             raise RunnerError("the job has no `stages:`")
         names = [s.name for s in self.stages]
@@ -194,6 +207,23 @@ def _positive(name: str, value) -> None:
 
 _SECTIONS = {"data": DataConfig, "augment": AugmentConfig, "train": TrainConfig,
              "ray": RayConfig}
+
+
+def _check_steps(where: str, variant: dict) -> None:
+    steps = variant.get("steps")
+    if not isinstance(steps, list) or len(steps) < 2:
+        raise RunnerError(f"{where}: variant {variant!r} needs `steps:`, a list of "
+                          "two or more ops to apply in turn")
+    for step in steps:
+        if not isinstance(step, dict) or step.get("op") not in COMBINED_OPS:
+            raise RunnerError(f"{where}: combine step {step!r} needs `op:` one of "
+                              f"{', '.join(COMBINED_OPS)}")
+
+
+def _whole(name: str, value, low: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        kind = "a positive whole number" if low == 1 else f"a whole number, {low} or more"
+        raise RunnerError(f"{name} must be {kind}, got {value!r}")
 
 
 def _build(cls, raw: Any, where: str):
@@ -264,4 +294,9 @@ def load_job(path: str, overrides: list[str] = ()) -> JobConfig:
         _apply_override(raw, assignment)
     job = _build(JobConfig, raw, "job").validate()
     job.data.root = os.path.abspath(job.data.root)
+    first = job.stages[0]
+    if first.init and "://" not in first.init:
+        # Trials run in folders of their own: a relative path must not
+        # follow them there.
+        first.init = os.path.abspath(first.init)
     return job

@@ -91,3 +91,51 @@ def test_a_lineage_of_the_wrong_shape_is_refused(tmp_path, capsys, text):
     assert main(["report", str(tmp_path)]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "not a runner lineage" in line and "lineage.json" in line
+
+
+def test_a_missing_init_checkpoint_is_named_before_ray_starts(tmp_path, capsys,
+                                                              cats_dogs_subset):
+    code, err = grow(capsys, f"storage={tmp_path / 'run'}",
+                     f"data.root={cats_dogs_subset}", "stages.0.model=null",
+                     f"stages.0.init={tmp_path / 'no-such-checkpoint'}")
+    assert code == 2
+    assert err[-1].startswith("runner: error: stages[0].init")
+    assert "no-such-checkpoint" in err[-1]
+    assert not ray.is_initialized()
+
+
+def test_a_damaged_init_checkpoint_is_named_before_ray_starts(tmp_path, capsys,
+                                                              cats_dogs_subset):
+    import torch
+
+    from runner.model import build_model, get_spec
+    from runner.model.checkpoint import save_checkpoint
+
+    spec = get_spec("classifier_1")
+    torch.manual_seed(0)
+    folder = save_checkpoint(tmp_path / "ckpt", spec, build_model(spec).state_dict(),
+                             {"epoch": 0})
+    model = next(p for p in folder.iterdir() if p.suffix == ".pt")
+    model.write_bytes(model.read_bytes()[:1000])
+    code, err = grow(capsys, f"storage={tmp_path / 'run'}",
+                     f"data.root={cats_dogs_subset}", "stages.0.model=null",
+                     f"stages.0.init={tmp_path / 'ckpt'}")
+    assert code == 2
+    assert err[-1].startswith("runner: error: stages[0].init")
+    assert not ray.is_initialized()
+
+
+def test_a_root_holding_another_run_is_refused_and_left_as_it_was(
+        tmp_path, capsys, cats_dogs_subset):
+    import json
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "job.yaml").write_text("name: theirs\n")
+    lineage = {"run": "theirs", "stages": [{"name": "other"}], "finished": True}
+    (run / "lineage.json").write_text(json.dumps(lineage))
+    code, err = grow(capsys, f"storage={run}", f"data.root={cats_dogs_subset}")
+    assert code == 2 and "other stages" in err[-1]
+    assert (run / "job.yaml").read_text() == "name: theirs\n"
+    assert json.loads((run / "lineage.json").read_text()) == lineage
+    assert not ray.is_initialized()

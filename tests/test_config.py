@@ -53,6 +53,14 @@ def test_unknown_nested_key(tmp_path):
     ("data.image_size=100", "must not exceed data.base_size"),
     ("train.batch_size=abc", "train.batch_size must be a positive"),
     ("data.val_fraction=1.5", "val_fraction"),
+    ("stages.0.epochs=1.5", "epochs must be a positive whole number"),
+    ("train.batch_size=12.5", "train.batch_size must be a positive whole"),
+    ("augment.views_per_epoch=2.5", "views_per_epoch must be a positive whole"),
+    ("data.base_size=72.5", "data.base_size must be a positive whole"),
+    ("ray.num_cpus=abc", "ray.num_cpus must be a positive whole"),
+    ("ray.num_cpus=0", "ray.num_cpus must be a positive whole"),
+    ("seed=1.5", "seed must be a whole number, 0 or more"),
+    ("seed=-1", "seed must be a whole number, 0 or more"),
 ])
 def test_bad_values_are_refused_by_name(tmp_path, override, words):
     with pytest.raises(RunnerError, match=words):
@@ -96,3 +104,31 @@ def test_a_stage_budget_takes_the_same_units_as_a_trial_budget():
     assert job.stages[1].stage_budget == {"flops": 2.0e12}
     with pytest.raises(RunnerError, match=r"stage_budget: unknown unit 'epochs'"):
         load_job("jobs/cats_dogs.yaml", ["stages.1.stage_budget={epochs: 3}"])
+
+
+def test_a_relative_init_checkpoint_is_resolved_where_the_command_runs(
+        tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    job = load_job(write(tmp_path), ["stages.0.model=null",
+                                     "stages.0.init=runs/imported"])
+    assert job.stages[0].init == str(tmp_path / "runs" / "imported")
+    uri = load_job(write(tmp_path), ["stages.0.model=null",
+                                     "stages.0.init=s3://bucket/imported"])
+    assert uri.stages[0].init == "s3://bucket/imported"
+
+
+@pytest.mark.parametrize("variant, words", [
+    ("{op: combine}", "needs `steps:`"),
+    ("{op: combine, steps: [{op: deepen_block}]}", "two or more"),
+    ("{op: combine, steps: [{op: deepen_block}, {op: fresh}]}", "combine step"),
+])
+def test_a_combined_variant_needs_two_known_steps(tmp_path, variant, words):
+    with pytest.raises(RunnerError, match=words):
+        load_job(write(tmp_path), [f"stages.1.variants=[{variant}]"])
+
+
+def test_a_combined_variant_loads():
+    job = load_job("jobs/cats_dogs.yaml", [
+        "stages.2.variants=[{op: combine, steps: [{op: deepen_block},"
+        " {op: widen_dense, index: 0, units: 256}]}]"])
+    assert job.stages[2].variants[0]["steps"][1]["units"] == 256

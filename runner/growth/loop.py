@@ -48,16 +48,33 @@ def shards_location(job: JobConfig, root: storage.Location) -> storage.Location:
 
 def prepare(job: JobConfig) -> tuple[storage.Location, dict]:
     """Everything that can fail on bad input, before any cluster work:
-    the storage root must be writable and the data must ingest."""
+    the storage root must be writable, a first stage's ``init:`` checkpoint
+    must load and the data must ingest."""
     root = storage.resolve(job.storage)
     storage.check_writable(root)
+    if job.stages[0].init:
+        check_init(job.stages[0].init)
     shards = shards_location(job, root)
     manifest = ingest(job.data.root, shards, base_size=job.data.base_size)
     log.info("data: %s", summary(manifest))
     manifest = dict(manifest, location=shards.uri)
-    storage.write_bytes(root.join("job.yaml"),
-                        yaml.safe_dump(job.to_dict(), sort_keys=False).encode())
     return root, manifest
+
+
+def check_init(checkpoint: str) -> None:
+    """The first stage's ``init:`` checkpoint must exist, verify and fit its
+    own spec; found out here, not in a trial after the cluster is up."""
+    from runner.model import build_model
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            spec, state, _ = load_checkpoint(storage.download_dir(
+                storage.resolve(checkpoint), tmp))
+        build_model(spec).load_state_dict(state)
+    except (RunnerError, OSError, RuntimeError) as err:
+        text = str(err).strip().splitlines()[0] if str(err).strip() else \
+            type(err).__name__
+        raise RunnerError(f"stages[0].init {checkpoint}: {text}") from None
 
 
 def grow(job: JobConfig) -> dict:
@@ -67,11 +84,15 @@ def grow(job: JobConfig) -> dict:
     from runner.growth.stage import run_stage
 
     root, manifest = prepare(job)
+    # Refuses a storage root that holds another run, before anything of it
+    # (its job.yaml included) is touched.
+    lineage = _load_or_start(job, root, manifest)
+    storage.write_bytes(root.join("job.yaml"),
+                        yaml.safe_dump(job.to_dict(), sort_keys=False).encode())
     plan = resources.plan(job, cluster.connect(job), cluster.cpu_nodes())
     log.info("each trial: %d training workers x %g CPUs (%d threads), "
              "%g CPUs of augmentation", plan.workers, plan.cpus_per_worker,
              plan.threads_per_worker, plan.aug_cpus)
-    lineage = _load_or_start(job, root, manifest)
     progress = Progress(root, job.name, _planned(job), ray_logs=cluster.logs_dir())
     log.info("run folder %s (live state in %s; Ray's own logs in %s)", root.uri,
              root.join(LIVE).uri, cluster.logs_dir() or "the cluster's log folder")
