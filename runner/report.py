@@ -21,9 +21,21 @@ def _trial_line(trial: dict, winner: str) -> str:
         t = trial["transfer"]
         drift = (f"  transfer: val acc {t['acc_parent']:.3f} -> {t['acc_child']:.3f},"
                  f" max |dlogit| {t['max_abs_logit_diff']:.3g}")
+    last = trial["epochs"][-1]["epoch"]
+    stopped = f", stopped early after {last}" if trial.get("status") == "stopped early" \
+        else ""
     return (f"  {mark} {trial['name']:<40} val_acc {best['val_acc']:.4f} "
-            f"(epoch {best['epoch']}/{len(trial['epochs'])})  {_gflop(c['flops'])} "
+            f"(best epoch {best['epoch']} of {last}{stopped})  {_gflop(c['flops'])} "
             f"{c['cpu_s']:.0f} cpu-s {c['wall_s']:.0f} s{drift}")
+
+
+def _origin(stage: dict) -> str:
+    parent = stage["parent"]
+    if parent:
+        return f"from {parent['stage']}/{parent['trial']}"
+    loaded = [t["variant"]["checkpoint"] for t in stage["trials"]
+              if t.get("variant", {}).get("op") == "load"]
+    return f"from checkpoint {loaded[0]}" if loaded else "from scratch"
 
 
 def format_report(lineage: dict) -> str:
@@ -36,10 +48,7 @@ def format_report(lineage: dict) -> str:
     stages = lineage["stages"] + ([lineage["baseline"]] if lineage.get("baseline")
                                   else [])
     for stage in stages:
-        parent = stage["parent"]
-        origin = (f"from {parent['stage']}/{parent['trial']}" if parent
-                  else "from scratch")
-        lines.append(f"\nstage {stage['index']} {stage['name']} ({origin})")
+        lines.append(f"\nstage {stage['index']} {stage['name']} ({_origin(stage)})")
         lines += [_trial_line(t, stage["winner"]) for t in stage["trials"]]
         test, path = stage["test"], stage["path_compute"]
         per_class = ", ".join(f"{k} {v:.3f}" for k, v in test["per_class"].items())

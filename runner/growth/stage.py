@@ -17,6 +17,7 @@ checkpoints) and ``init/<trial>/`` (the transferred weights and report).
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 
 import torch
@@ -69,7 +70,7 @@ def run_stage(job: JobConfig, stage: StageConfig, first: bool, parent: dict | No
     param_space = {"variant": tune.grid_search(variants), "lr": tune.grid_search(lrs)}
     tuner = _tuner(trainable, param_space, stage, root, callbacks or [])
     results = tuner.fit()
-    return [trial_record(r, root, stage.name) for r in results]
+    return [trial_record(r, root, stage.name, stage.epochs) for r in results]
 
 
 def _tuner(trainable, param_space, stage: StageConfig, root: storage.Location,
@@ -268,9 +269,14 @@ def _drift_batch(context: dict):
     return eval_view(pixels, data["image_size"]), torch.from_numpy(y).float()
 
 
-def trial_record(result, root: storage.Location, stage: str) -> dict:
+def trial_record(result, root: storage.Location, stage: str,
+                 planned_epochs: int | None = None) -> dict:
     """What the lineage keeps of one trial: its variant, every epoch's metrics,
-    its best epoch and checkpoint, its compute, and its transfer report."""
+    its best epoch and checkpoint, its compute, and its transfer report.
+
+    Status: "done" (every planned epoch), "stopped early" (ASHA or a budget
+    ended it sooner), "error", or "not run" (the stage's budget was spent
+    before it started)."""
     cfg = result.config
     name = trial_name(cfg)
     df = result.metrics_dataframe
@@ -287,9 +293,8 @@ def trial_record(result, root: storage.Location, stage: str) -> dict:
             path = epoch["checkpoint_path"]
             epoch["checkpoint_path"] = storage.within(root, path).uri
     record = {"name": name, "variant": cfg["variant"], "lr": cfg["lr"],
-              # "not run": the stage's budget was spent before it started
-              "status": "error" if result.error else "done" if epochs else "not run",
-              "error": str(result.error).splitlines()[0] if result.error else None,
+              "status": _status(result, epochs, planned_epochs),
+              "error": _error_line(result.error) if result.error else None,
               "epochs": epochs, "transfer": _transfer_report(root, stage, name)}
     if epochs:
         best = best_epoch(epochs)
@@ -299,6 +304,32 @@ def trial_record(result, root: storage.Location, stage: str) -> dict:
         record["compute"] = {k: last[k] for k in ("flops", "cpu_s", "wall_s")}
         record["restarts"] = int(last.get("restarts", 0))
     return record
+
+
+def _status(result, epochs: list, planned: int | None) -> str:
+    if result.error:
+        return "error"
+    if not epochs:
+        return "not run"
+    if planned is not None and epochs[-1]["epoch"] < planned:
+        return "stopped early"
+    return "done"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _error_line(error) -> str:
+    """The cause of a failed trial in one line: the innermost exception's own
+    message, without Ray's wrappers (``ray::...``, tracebacks, colour codes)."""
+    cause = error
+    while getattr(cause, "cause", None) is not None or cause.__cause__ is not None:
+        cause = getattr(cause, "cause", None) or cause.__cause__
+    lines = [_ANSI.sub("", line).strip() for line in str(cause).splitlines()]
+    lines = [line for line in lines if line and not line.startswith(
+        ("Traceback", "File ", "ray::", "^", "During handling"))]
+    # A traceback's last line is the exception itself.
+    return lines[-1] if lines else type(cause).__name__
 
 
 def _transfer_report(root: storage.Location, stage: str, name: str):
