@@ -17,7 +17,8 @@ def tiny_job(root, data):
         "stages.0.epochs=1", "stages.1.epochs=1", "stages.2.epochs=1",
         "stages.1.variants=[{op: plain_copy, to: classifier_2, freeze_epochs: 1},"
         " {op: deepen_block}]",
-        "stages.2.variants=[{op: widen_dense, index: 0, units: 160}]"])
+        "stages.2.variants=[{op: combine, steps: [{op: widen_dense, index: 0,"
+        " units: 160}, {op: widen_conv, block: 0, layer: 0, filters: 40}]}]"])
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +143,12 @@ def test_a_run_starts_from_a_given_checkpoint_and_a_failed_stage_keeps_the_rest(
         "stages.0.model=null", f"stages.0.init={tmp_path / 'imported'}",
         # Block 7 does not exist: every trial of stage 2 fails while growing.
         "stages.1.variants=[{op: widen_conv, block: 7, layer: 0, filters: 64}]"])
-    with pytest.raises(RunnerError, match="every trial failed"):
+    with pytest.raises(RunnerError, match="every trial failed") as failed:
         grow(job)
+    # The cause in one clean line, not Ray's wrapper around it.
+    message = str(failed.value)
+    assert "widen_conv block must be an index in 0..0, got 7" in message, message
+    assert "\n" not in message and "\x1b" not in message and "ray::" not in message
     lineage = json.loads((root / "lineage.json").read_text())
     assert [s["name"] for s in lineage["stages"]] == ["seed"]
     assert not lineage["finished"]

@@ -325,3 +325,34 @@ def test_transfer_kind_must_be_known():
     spec, sd = classifier_1(), parent_weights(classifier_1())
     with pytest.raises(RunnerError, match="function_preserving, plain_copy, fresh"):
         transfer_to(spec, sd, classifier_2(), kind="magic")
+
+
+# --- several ops in one child ----------------------------------------------------
+
+
+def test_combine_is_the_ops_in_turn_with_one_report(real_images):
+    images, labels = real_images
+    spec, psd = classifier_1(), parent_weights(classifier_1())
+    steps = [{"op": "deepen_conv", "block": 0, "after_layer": 0},
+             {"op": "widen_conv", "block": 0, "layer": 1, "filters": 48}]
+    child, csd, report = apply_op(spec, psd, "combine", steps=steps, rng=3)
+    assert report.op == "deepen_conv+widen_conv" and report.exact
+    assert [c.filters for c in child.blocks[0].convs] == [32, 48]
+    assert_same_function(spec, psd, child, csd, images, labels)
+    # the first conv came through both steps untouched; the new one was built
+    by_name = {t["name"]: t for t in report.tensors}
+    assert by_name["blocks.0.convs.0.weight"]["status"] == "copied"
+    assert by_name["blocks.0.convs.1.weight"]["status"] == "morphed"
+    assert sum(report.counts().values()) == num_params(child)
+
+
+@pytest.mark.parametrize("steps, match", [
+    ([], "non-empty list"),
+    ([{"op": "plain_copy", "to": "classifier_2"}], "step 1 .* needs op"),
+    ([{"op": "deepen_block"}, {"op": "widen_dense", "index": 3, "units": 999}],
+     "index"),
+])
+def test_combine_refuses_clearly(steps, match):
+    spec, sd = classifier_1(), parent_weights(classifier_1())
+    with pytest.raises(RunnerError, match=match):
+        apply_op(spec, sd, "combine", steps=steps)

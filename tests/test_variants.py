@@ -101,3 +101,9 @@ def test_a_stage_budget_stops_on_whichever_unit_runs_out_first():
 
     budget = StageBudget({"flops": 1e15, "wall_s": 10.0})
     assert budget.spend("a", {"flops": 1.0, "wall_s": 12.0})
+
+
+def test_a_combined_variant_is_named_by_its_steps():
+    label = variant_label({"op": "combine", "freeze_epochs": 1, "steps": [
+        {"op": "deepen_block"}, {"op": "widen_dense", "index": 0, "units": 256}]})
+    assert label == "deepen_block+widen_dense-index=0-units=256-freeze_epochs=1"

@@ -9,10 +9,14 @@ from runner.config import StageConfig
 
 
 def variant_label(variant: dict) -> str:
-    """A short, stable, filesystem-safe name for a variant."""
-    parts = [variant["op"]]
+    """A short, stable, filesystem-safe name for a variant; a ``combine``
+    variant is named by its steps joined with ``+``."""
+    if variant["op"] == "combine":
+        parts = ["+".join(variant_label(step) for step in variant["steps"])]
+    else:
+        parts = [variant["op"]]
     # A checkpoint's path would make a long name; the stage records it anyway.
-    for key in sorted(k for k in variant if k not in ("op", "checkpoint")):
+    for key in sorted(k for k in variant if k not in ("op", "checkpoint", "steps")):
         value = variant[key]
         parts.append(f"{key}={value['name'] if isinstance(value, dict) else value}")
     return "-".join(parts).replace("/", "_").replace(" ", "")

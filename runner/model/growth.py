@@ -624,6 +624,30 @@ def _function_preserving(spec, sd, target, rng):
     return child, weights, _compose(op, spec, child, reports)
 
 
+GROWTH_STEPS = ("widen_conv", "widen_dense", "deepen_conv", "deepen_block")
+
+
+def combine(spec, sd, steps, rng=None):
+    """Several growth ops in one child, each applied to what the one before
+    made (e.g. deepen, then widen the new head): ``steps`` is a list of
+    ``{"op": name, **params}``. The report follows every tensor back through
+    the chain to the parent."""
+    if not isinstance(steps, list) or not steps:
+        raise RunnerError("combine: steps must be a non-empty list of ops")
+    gen = _generator(rng)
+    current, weights, reports = spec, sd, []
+    for i, step in enumerate(steps):
+        name = step.get("op") if isinstance(step, dict) else None
+        if name not in GROWTH_STEPS:
+            raise RunnerError(f"combine: step {i + 1} ({step!r}) needs op: one of "
+                              f"{', '.join(GROWTH_STEPS)}")
+        params = {k: v for k, v in step.items() if k != "op"}
+        current, weights, report = apply_op(current, weights, name, rng=gen, **params)
+        reports.append(report)
+    return current, weights, _compose("+".join(r.op for r in reports), spec, current,
+                                      reports)
+
+
 TRANSFER_KINDS = ("function_preserving", "plain_copy", "fresh")
 
 
@@ -652,6 +676,7 @@ OPS = {
     "deepen_block": deepen_block,
     "plain_copy": plain_copy,
     "fresh": _fresh_op,
+    "combine": combine,
 }
 
 
