@@ -277,3 +277,6 @@ def test_runner_grow_joins_the_running_cluster_with_no_auth_settings(
     gcs = f"127.0.0.1:{ray_head['ports']['gcs']}"
     assert f"joining the Ray cluster already running at {gcs}" in result.stderr
     assert json.loads((run / "lineage.json").read_text())["finished"]
+    # The run's own progress lines, not Tune's experiment banner.
+    said = result.stdout + result.stderr
+    assert "epoch 1/1" in said and "Configuration for experiment" not in said

@@ -17,6 +17,7 @@ checkpoints) and ``init/<trial>/`` (the transferred weights and report).
 from __future__ import annotations
 
 import logging
+import os
 import re
 import tempfile
 
@@ -69,6 +70,10 @@ def run_stage(job: JobConfig, stage: StageConfig, first: bool, parent: dict | No
     trainable = tune.with_parameters(_trial, context=context)
     param_space = {"variant": tune.grid_search(variants), "lr": tune.grid_search(lrs)}
     tuner = _tuner(trainable, param_space, stage, root, callbacks or [])
+    # Tune's console output (its experiment banner and trial tables) would
+    # bury the run's own progress lines; verbose=0 silences only the older
+    # reporter, which this selects.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     results = tuner.fit()
     return [trial_record(r, root, stage.name, stage.epochs) for r in results]
 
@@ -292,6 +297,7 @@ def trial_record(result, root: storage.Location, stage: str,
         if isinstance(epoch.get("checkpoint_path"), str):
             path = epoch["checkpoint_path"]
             epoch["checkpoint_path"] = storage.within(root, path).uri
+    epochs = with_missing_epochs(epochs, root.join(stage, "train", name), keep)
     record = {"name": name, "variant": cfg["variant"], "lr": cfg["lr"],
               "status": _status(result, epochs, planned_epochs),
               "error": _error_line(result.error) if result.error else None,
@@ -304,6 +310,24 @@ def trial_record(result, root: storage.Location, stage: str,
         record["compute"] = {k: last[k] for k in ("flops", "cpu_s", "wall_s")}
         record["restarts"] = int(last.get("restarts", 0))
     return record
+
+
+def with_missing_epochs(epochs: list[dict], trial_dir: storage.Location,
+                        keep: list[str]) -> list[dict]:
+    """``epochs`` with any earlier epoch Tune's results lack (seen after a run
+    was stopped and resumed) filled in from that epoch's checkpoint, which
+    carries the metrics it was reported with."""
+    have = {e["epoch"] for e in epochs}
+    for n in range(1, max(have, default=0)):
+        folder = trial_dir.join(f"epoch-{n:03d}")
+        meta = folder.join("meta.json")
+        if n in have or not storage.exists(meta):
+            continue
+        metrics = storage.read_json(meta).get("metrics") or {}
+        if "val_acc" in metrics:
+            epochs.append({**{k: metrics[k] for k in keep if k in metrics},
+                           "checkpoint_path": folder.uri})
+    return sorted(epochs, key=lambda e: e["epoch"])
 
 
 def _status(result, epochs: list, planned: int | None) -> str:
