@@ -21,6 +21,7 @@ import yaml
 from runner.errors import RunnerError
 
 BUDGET_UNITS = ("flops", "cpu_s", "wall_s")
+LR_SCHEDULES = ("constant", "cosine")
 GROWTH_OPS = ("widen_conv", "widen_dense", "deepen_conv", "deepen_block",
               "plain_copy", "fresh", "combine")
 COMBINED_OPS = GROWTH_OPS[:4]  # what a `combine` variant's steps may be
@@ -73,6 +74,9 @@ class TrainConfig:
     cpus_per_worker: float | None = None  # None = auto (see runner.resources)
     batch_size: int = 64           # per worker
     lr: float = 1e-3               # Adam learning rate
+    # "constant", or "cosine": each trial anneals lr epoch by epoch from `lr`
+    # down to LR_FLOOR x lr at its last epoch
+    lr_schedule: str = "constant"
     weight_decay: float = 0.0
 
     def validate(self) -> None:
@@ -80,6 +84,9 @@ class TrainConfig:
             _whole("train.workers", self.workers)
         _whole("train.batch_size", self.batch_size)
         _positive("train.lr", self.lr)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise RunnerError(f"train.lr_schedule must be one of "
+                              f"{', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.cpus_per_worker is not None:
             _positive("train.cpus_per_worker", self.cpus_per_worker)
 

@@ -213,8 +213,8 @@ def _read_lineage(path: storage.Location) -> dict | None:
         problem = "not a lineage"
     except RunnerError as err:
         problem = str(err)
-    aside = storage.Location(path.fs, f"{path.path}.damaged-{int(time.time())}",
-                             f"{path.uri}.damaged-{int(time.time())}")
+    name = path.path.rstrip("/").rsplit("/", 1)[-1]
+    aside = path.parent.join(f"{name}.damaged-{int(time.time())}")
     path.fs.move(path.path, aside.path)
     log.warning("%s is damaged (%s); moved it to %s and rebuilding the lineage "
                 "from the stages' Tune results", path.uri, problem, aside.uri)

@@ -167,7 +167,8 @@ def _loop_config(config, context, name, spec, frozen, init) -> dict:
     return {
         "spec": spec.to_dict(), "init_checkpoint": init.uri, "trial": name,
         "epochs": context["epochs"], "budget": context["budget"],
-        "lr": config["lr"], "weight_decay": job["train"]["weight_decay"],
+        "lr": config["lr"], "lr_schedule": job["train"]["lr_schedule"],
+        "weight_decay": job["train"]["weight_decay"],
         "batch_size": job["train"]["batch_size"],
         "views_per_epoch": job["augment"]["views_per_epoch"],
         "threads": plan["threads_per_worker"],

@@ -17,6 +17,7 @@ not included: see ``runner.resources`` for how their share is sized).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import time
@@ -66,6 +67,9 @@ def train_loop(config: dict) -> None:
         frozen = (_params(model, config.get("frozen", []))
                   if epoch < config.get("freeze_epochs", 0) else [])
         torch.manual_seed(config.get("seed", 0) + epoch)  # dropout masks
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(epoch, config["epochs"], config["lr"],
+                                config.get("lr_schedule", "constant"))
         # Epochs are counted off one stream that holds the whole trial: the
         # k-th (after a restart, counted from the restart) ends once this
         # worker has seen k epochs' worth of images, the last one with the
@@ -80,6 +84,18 @@ def train_loop(config: dict) -> None:
         _report(metrics, spec, model, epoch + 1, totals, config)
         if over_budget(metrics, config.get("budget") or {}):
             break
+
+
+LR_FLOOR = 0.05  # of the base rate, at a cosine schedule's last epoch
+
+
+def lr_at(epoch: int, epochs: int, lr: float, schedule: str) -> float:
+    """The learning rate for ``epoch`` (0-based) of ``epochs``. A function of
+    the epoch alone, so a restarted trial goes on at the right rate."""
+    if schedule == "constant" or epochs <= 1:
+        return lr
+    done = epoch / (epochs - 1)
+    return lr * (LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * done)))
 
 
 def over_budget(metrics: dict, budget: dict) -> bool:
