@@ -588,7 +588,9 @@ def parse_args(argv=None):
                    help=f"comma list of parts: {', '.join(PARTS)}")
     p.add_argument("--images", type=int, default=None,
                    help="use about this many images (a copied subset): quick runs")
-    p.add_argument("--epochs", type=int, default=1, help="plain and ray parts")
+    p.add_argument("--epochs", type=int, default=2,
+                   help="plain and ray parts; the ray row is the last epoch (the "
+                        "first also pays for starting the workers and the stream)")
     p.add_argument("--models", default=",".join(MODELS),
                    help="comma list of the models to time (default: both)")
     p.add_argument("--job", default=str(ROOT / "jobs" / "cats_dogs.yaml"))
