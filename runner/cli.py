@@ -76,6 +76,7 @@ def cmd_doctor(args) -> int:
 
 def cmd_report(args) -> None:
     from runner.report import report
+    _check_run_folder(args.run)
     print(report(args.run))
     if args.html is not None:
         from runner.report_html import write_html
@@ -85,6 +86,57 @@ def cmd_report(args) -> None:
 def cmd_dashboard(args) -> None:
     from runner.dashboard import serve
     serve(args.run, args.host, args.port)
+
+
+# --- folders the user names ------------------------------------------------------
+
+
+def _kind(loc):
+    """"file", "folder" or None (nothing there) for a Location."""
+    from pyarrow import fs as pafs
+
+    from runner import storage
+    info = storage.retry("look up", loc, lambda: loc.fs.get_file_info(loc.path))
+    return {pafs.FileType.File: "file",
+            pafs.FileType.Directory: "folder"}.get(info.type)
+
+
+def _check_run_folder(path: str) -> None:
+    """A run is a folder (its storage root); a file there is named as such."""
+    from runner import storage
+    if _kind(storage.resolve(path)) == "file":
+        raise RunnerError(f"{path}: is a file, not a run folder; pass the run's "
+                          f"storage root (the folder that holds {LINEAGE})")
+
+
+def _new_checkpoint_folder(path: str):
+    """``--out`` as a Location to write a new checkpoint into: a folder that
+    holds no checkpoint yet, or nothing. A file there (or in its way) is
+    refused before anything is written, so it stays as it was."""
+    from runner import storage
+    out = storage.resolve(path)
+    blocker = _file_in_the_way(out)
+    if blocker is not None:
+        what = "is a file" if blocker == out.uri else f"{blocker} is a file"
+        raise RunnerError(f"--out {path}: {what}, not a folder; name a new folder "
+                          "for the checkpoint")
+    if storage.exists(out.join("model.pt")):
+        raise RunnerError(f"--out {path} already holds a checkpoint; choose "
+                          "another folder")
+    return out
+
+
+def _file_in_the_way(out) -> str | None:
+    """``out`` itself if it is a file, or (local paths) the first existing
+    folder above it that is a file; None when a folder can be made there."""
+    if _kind(out) == "file":
+        return out.uri
+    if not out.is_local:  # object stores have no folders to be in the way
+        return None
+    path = os.path.dirname(out.path)
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    return None if os.path.isdir(path) else path
 
 
 # --- checkpoints, the runs they lie in, and data for them ----------------------
@@ -130,11 +182,24 @@ def _run_lineage(loc) -> dict | None:
 
 
 def _load(checkpoint: str):
-    """(spec, state_dict, meta) of a checkpoint folder, local or remote."""
+    """(spec, state_dict, meta) of a checkpoint folder, local or remote, the
+    weights checked to load into the spec's model; errors name the folder as
+    the user gave it, not the temporary copy of a remote one."""
     from runner import storage
+    from runner.evaluate import load_model
     from runner.model.checkpoint import load_checkpoint
+    loc = storage.resolve(checkpoint)
     with tempfile.TemporaryDirectory() as tmp:
-        return load_checkpoint(storage.download_dir(storage.resolve(checkpoint), tmp))
+        local = storage.download_dir(loc, tmp)
+        try:
+            spec, state, meta = load_checkpoint(local)
+        except RunnerError as err:
+            text = str(err).replace(local, loc.uri)
+            if loc.uri not in text:
+                text = f"checkpoint {loc.uri}: {text}"
+            raise RunnerError(text) from err
+    load_model(spec, state, loc.uri)
+    return spec, state, meta
 
 
 def _run_data(lineage: dict | None) -> dict:
@@ -174,17 +239,31 @@ def _default_cache(data: str) -> str:
     return os.path.join(tempfile.gettempdir(), "runner-eval-data", key)
 
 
-def _data_manifest(data: str, cache: str, base_size: int) -> dict:
-    """Shards for ``data``: a shards folder as it is, an image folder ingested
-    into ``cache`` (reused while unchanged). Has ``location`` like a run's."""
+def _data_manifest(data: str, cache: str, base_size: int,
+                   lineage: dict | None = None) -> dict:
+    """Shards for ``data``: a shards folder as it is (only read), an image
+    folder ingested into ``cache`` (reused while unchanged), never into the
+    shards of the run ``lineage`` describes. Has ``location`` like a run's."""
     from runner import storage
     from runner.data.ingest import MANIFEST, ingest, load_manifest, summary
     loc = storage.resolve(data)
     if storage.exists(loc.join(MANIFEST)):
         return dict(load_manifest(loc), location=loc.uri)
+    _check_cache(cache, lineage)
     manifest = ingest(data, cache, base_size=base_size)
     log.info("data %s: %s", data, summary(manifest))
     return dict(manifest, location=storage.resolve(cache).uri)
+
+
+def _check_cache(cache: str, lineage: dict | None) -> None:
+    """Ingesting another folder into the run's own shards folder would
+    replace the shards the run trained on (and resumes from)."""
+    from runner import storage
+    root = (lineage or {}).get("storage")
+    own = _run_data(lineage).get("location") or (root and f"{root}/data")
+    if own and storage.resolve(cache).uri.rstrip("/") == own.rstrip("/"):
+        raise RunnerError(f"--cache {cache} is the run's own data folder; "
+                          "choose another folder for the scored images' shards")
 
 
 def _check_classes(spec, meta: dict, lineage, manifest: dict) -> None:
@@ -208,7 +287,7 @@ def cmd_evaluate(args) -> None:
     spec, _, meta = _load(checkpoint)
     cache = args.cache or (run.join("eval-data").uri if run else
                            _default_cache(args.data))
-    manifest = _data_manifest(args.data, cache, _base_size(meta, lineage))
+    manifest = _data_manifest(args.data, cache, _base_size(meta, lineage), lineage)
     _check_classes(spec, meta, lineage, manifest)
     scores = evaluate_checkpoint(checkpoint, manifest, args.split, spec.input_size,
                                  _val_fraction(lineage))
@@ -239,12 +318,10 @@ def format_scores(result: dict) -> str:
 
 
 def cmd_predict(args) -> int:
-    from runner.model import build_model
+    from runner.evaluate import load_model
     checkpoint, lineage, _ = _target(args.checkpoint)
     spec, state, meta = _load(checkpoint)
-    model = build_model(spec)
-    model.load_state_dict(state)
-    model.eval()
+    model = load_model(spec, state, checkpoint)
     names = _class_names(spec, meta, lineage)
     base = _base_size(meta, lineage)
     failed = 0
@@ -297,16 +374,13 @@ def cmd_transfer(args) -> None:
     if not (storage.exists(source) and _is_checkpoint(source)):
         raise RunnerError(f"--from {args.source}: not a checkpoint folder (needs "
                           "model.pt and spec.json)")
-    out = storage.resolve(args.out)
-    if storage.exists(out.join("model.pt")):
-        raise RunnerError(f"--out {args.out} already holds a checkpoint; choose "
-                          "another folder")
+    out = _new_checkpoint_folder(args.out)
     spec, state, meta = _load(source.uri)
     child, child_state, report = _transfer(spec, state, args)
     lineage = _run_lineage(source)
     if args.data:
         _measure(args, (spec, state), (child, child_state), report,
-                 _base_size(meta, lineage))
+                 _base_size(meta, lineage), lineage)
     # carry what predict and evaluate need, so the child reads on its own
     carried = {"base_size": _base_size(meta, lineage)}
     if _known_classes(meta, lineage):
@@ -362,7 +436,8 @@ def _params(pairs: list[str]) -> dict:
     return params
 
 
-def _measure(args, parent, child, report, base_size: int) -> None:
+def _measure(args, parent, child, report, base_size: int,
+             lineage: dict | None) -> None:
     """Fill ``report`` with logit drift on up to DRIFT_IMAGES images of --data:
     validation rows, or test rows when the folder is too small to have any."""
     import torch
@@ -375,7 +450,7 @@ def _measure(args, parent, child, report, base_size: int) -> None:
         raise RunnerError(f"drift needs one input size; the parent sees {size}px, "
                           f"the child {child_size}px")
     cache = args.cache or _default_cache(args.data)
-    manifest = _data_manifest(args.data, cache, base_size)
+    manifest = _data_manifest(args.data, cache, base_size, lineage)
     pixels, labels = load_split(manifest, "val", DEFAULT_VAL_FRACTION)
     if not len(labels):
         pixels, labels = load_split(manifest, "test")
@@ -387,12 +462,16 @@ def _measure(args, parent, child, report, base_size: int) -> None:
 def _save(out, spec, state, meta: dict) -> None:
     from runner import storage
     from runner.model.checkpoint import save_checkpoint
-    if out.is_local:
-        save_checkpoint(out.path, spec, state, meta)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(tmp, spec, state, meta)
-        storage.upload_dir(tmp, out)
+    try:
+        if out.is_local:
+            save_checkpoint(out.path, spec, state, meta)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(tmp, spec, state, meta)
+            storage.upload_dir(tmp, out)
+    except OSError as err:  # no permission, disk full, a file in the way
+        raise RunnerError(f"--out {out.uri}: cannot write the checkpoint "
+                          f"({err.strerror or err})") from err
 
 
 # --- export --------------------------------------------------------------------
@@ -413,15 +492,11 @@ def cmd_export(args) -> None:
 
 
 def cmd_import_keras(args) -> None:
-    from runner import storage
     from runner.keras_import import import_keras, parse_classes
     from runner.model.spec import get_spec
     spec = get_spec(args.spec)
     classes = parse_classes(args.classes, spec)
-    out = storage.resolve(args.out)
-    if storage.exists(out.join("model.pt")):
-        raise RunnerError(f"--out {args.out} already holds a checkpoint; choose "
-                          "another folder")
+    out = _new_checkpoint_folder(args.out)
     state, meta = import_keras(args.weights, spec, classes, DEFAULT_BASE_SIZE)
     _save(out, spec, state, meta)
     source = meta["source"]

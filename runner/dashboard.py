@@ -34,6 +34,7 @@ Policy that allows only its own script.
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import ipaddress
 import json
@@ -45,6 +46,8 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
+
+import pyarrow.fs as pafs
 
 from runner import storage
 from runner.errors import RunnerError
@@ -609,11 +612,31 @@ def make_server(run: str, host: str = "127.0.0.1",
     root = storage.resolve(run)
     if not storage.exists(root):
         raise RunnerError(f"{run}: no such run folder")
+    if root.fs.get_file_info(root.path).type == pafs.FileType.File:
+        raise RunnerError(f"{run}: is a file, not a run folder; pass the run's "
+                          f"storage root (the folder that holds {LINEAGE})")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise RunnerError(f"--port {port}: must be 0..65535 (0 picks a free one)")
     try:
         return DashboardServer(root, host, port)
     except OSError as err:
-        raise RunnerError(f"cannot listen on {host}:{port} ({err.strerror or err}); "
-                          "choose another --port (0 picks a free one)") from err
+        raise RunnerError(_listen_error(host, port, err)) from err
+
+
+def _listen_error(host: str, port: int, err: OSError) -> str:
+    """Why the server could not listen, naming the option to change."""
+    reason = err.strerror or str(err)
+    if err.errno == errno.EADDRINUSE:
+        return (f"--port {port}: {host}:{port} is already in use; choose another "
+                "--port (0 picks a free one)")
+    if err.errno == errno.EACCES:
+        return (f"--port {port}: not allowed to listen on {host}:{port} "
+                f"({reason}); ports below 1024 need root, choose a higher --port")
+    if isinstance(err, socket.gaierror) or err.errno == errno.EADDRNOTAVAIL:
+        return (f"--host {host}: cannot listen there ({reason}); use 127.0.0.1 "
+                "or an address of this machine")
+    return (f"cannot listen on {host}:{port} ({reason}); check --host and "
+            "--port (--port 0 picks a free one)")
 
 
 def serve(run: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> None:

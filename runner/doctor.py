@@ -11,13 +11,16 @@ The checks lean on the code a run uses, so they judge what the run would
 judge: ``config.load_job`` for the job file, ``cluster.find_address`` for
 which Ray to join, ``storage.check_writable`` for the storage root,
 ``ingest.check_layout`` for the data folder (files are listed, none decoded),
+``checkpoint.load_checkpoint`` for a first stage's ``init:`` checkpoint,
 ``resources.plan`` for the CPU split and ``train.loop.worker_env`` for the
 training workers' thread count.
 
 Doctor never starts a Ray cluster. With no cluster to join it says that
 ``runner grow`` will start a local one and sizes the CPU plan for that
 (``ray.num_cpus`` or all CPUs here); with one, it joins as a driver, reads its
-CPUs, nodes and dashboard address, and leaves again.
+CPUs, nodes and dashboard address, and leaves again. It joins the way
+``cluster.connect`` does: a cluster found running on this machine through
+``"auto"``, so Ray sends the cluster's auth token.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import os
 import platform
 import shutil
 import socket
+import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -160,9 +164,10 @@ def check_ray(ctx: Context) -> list[Check]:
         address = cluster.find_address(configured)
     except RunnerError as err:
         return [(FAIL, str(err))]
+    found = bool(address) and not configured and \
+        address != os.environ.get("RAY_ADDRESS")
     if address and not configured:
-        where = ("RAY_ADDRESS" if address == os.environ.get("RAY_ADDRESS")
-                 else "found running on this machine")
+        where = "found running on this machine" if found else "RAY_ADDRESS"
     if not address:
         return _no_cluster(ctx)
     if address.startswith(("http://", "https://")):
@@ -172,7 +177,10 @@ def check_ray(ctx: Context) -> list[Check]:
         return [(FAIL, (f"cannot reach Ray at {address} ({where}): {problem}; start "
                         "it with `ray start --head` or fix the address"))]
     try:
-        ctx.cluster = _join(address)
+        # As runner.cluster.connect does: "auto" for the one local cluster
+        # found here, so Ray sends its auth token (~/.ray/auth_token), which
+        # it does not for an explicit address unless RAY_AUTH_MODE=token.
+        ctx.cluster = _join("auto" if found else address)
     except Exception as err:  # Ray raises several kinds when it cannot join
         return [(FAIL, (f"cannot join Ray at {address} ({where}): "
                         f"{type(err).__name__}: {err}; {_join_hint()}check that it "
@@ -384,18 +392,63 @@ def _remove_empty(path: str, top: str) -> None:
 
 
 def check_data(ctx: Context) -> list[Check]:
-    """The data folder's layout and files per class, without decoding."""
-    from runner.data.ingest import check_layout
+    """The data folder's layout and image files per class (counted by name,
+    none decoded); a class folder with no file named like an image warns."""
+    from runner.data.ingest import SPLITS, check_layout
     if ctx.job is None:
         return []
     try:
         layout = check_layout(ctx.job.data.root)
     except RunnerError as err:
         return [(FAIL, f"{err}; fix the folder or data.root in {ctx.job_path}")]
+    images = layout["images"]
     splits = "; ".join(f"{split} " + ", ".join(f"{c} {n}" for c, n in counts.items())
-                       for split, counts in layout["counts"].items())
-    skipped = f"; {layout['skipped']} entries ignored" if layout["skipped"] else ""
-    return [(OK, f"data {layout['root']}: files per class: {splits}{skipped}")]
+                       for split, counts in images.items())
+    others = _total(layout["counts"]) - _total(images)
+    notes = [f"{_n(others, 'other file')} (kept only if it decodes as an image)"
+             if others else "",
+             f"{layout['skipped']} entries ignored" if layout["skipped"] else ""]
+    text = f"data {layout['root']}: image files per class: {splits}" + "".join(
+        f"; {note}" for note in notes if note)
+    empty = [os.path.join(layout["root"], SPLITS[split], c)
+             for split, counts in images.items() for c, n in counts.items() if not n]
+    if empty:
+        return [(WARN, (f"{text}: no file named like an image (.jpg, .png, ...) in "
+                        f"{', '.join(empty)}; ingest will fail there unless those "
+                        f"files decode; fix the folder or data.root in "
+                        f"{ctx.job_path}"))]
+    return [(OK, text)]
+
+
+def _total(counts: dict) -> int:
+    return sum(n for per_class in counts.values() for n in per_class.values())
+
+
+def check_init(ctx: Context) -> list[Check]:
+    """The first stage's ``init:`` checkpoint, when the job starts from one:
+    it exists and loads as the run would load it (checksum, tensors only,
+    weights that fit its spec)."""
+    from runner import storage
+    from runner.evaluate import load_model
+    from runner.model import num_params
+    from runner.model.checkpoint import load_checkpoint
+    if ctx.job is None or not ctx.job.stages or not ctx.job.stages[0].init:
+        return []
+    init = ctx.job.stages[0].init
+    fix = f"fix stages[0].init ({ctx.job.stages[0].name}) in {ctx.job_path}"
+    loc = storage.resolve(init)
+    if not storage.exists(loc):
+        return [(FAIL, f"init checkpoint {init}: no such folder; {fix}")]
+    with tempfile.TemporaryDirectory() as tmp:
+        local = storage.download_dir(loc, tmp)
+        try:
+            spec, state, _ = load_checkpoint(local)
+            load_model(spec, state, loc.uri)
+        except RunnerError as err:
+            text = str(err).replace(local, loc.uri)
+            return [(FAIL, f"init checkpoint {init}: {text}; {fix}")]
+    return [(OK, (f"init checkpoint {loc.uri}: {spec.name}, "
+                  f"{num_params(spec):,} parameters, loads"))]
 
 
 # --- CPUs and memory --------------------------------------------------------------
@@ -471,7 +524,7 @@ def _default_store() -> int | None:
 # --- the runner -------------------------------------------------------------------
 
 CHECKS = (check_versions, check_threads, check_job, check_ray, check_dashboard,
-          check_storage, check_data, check_plan, check_shm)
+          check_storage, check_data, check_init, check_plan, check_shm)
 
 
 def run(job_path: str | None = None, overrides: list[str] = (),

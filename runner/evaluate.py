@@ -6,6 +6,7 @@ take a few seconds on one core, and nothing here needs a cluster.
 
 from __future__ import annotations
 
+import re
 import tempfile
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 
 from runner import storage
 from runner.data.pipeline import decode_pixels, eval_view, split_mask
+from runner.errors import RunnerError
 from runner.model import build_model
 from runner.model.checkpoint import load_checkpoint
 
@@ -62,12 +64,38 @@ def score(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:
             "confusion": confusion.tolist(), "classes": classes}
 
 
+def load_model(spec, state: dict, checkpoint: str) -> torch.nn.Module:
+    """The spec's model holding ``state``, in eval mode. Weights that pass
+    :func:`runner.model.check_compatible` can still be refused by torch (a
+    sparse or quantized tensor of the right shape): RunnerError naming the
+    checkpoint then, never torch's multi-line traceback."""
+    model = build_model(spec)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, ValueError) as err:
+        raise RunnerError(f"checkpoint {checkpoint}: weights do not fit spec "
+                          f"{spec.name!r}: {_why_not_loaded(err)}") from err
+    return model.eval()
+
+
+def _why_not_loaded(err: Exception) -> str:
+    """One line from load_state_dict's multi-line message: the tensor and
+    torch's reason when it names them, else its first detail line."""
+    text = str(err)
+    found = re.search(r'parameter named "([^"]+)"[^\n]*?exception occurred : '
+                      r"\((['\"])(.+?)\2,?\)", text)
+    if found:
+        return f"{found.group(1)}: {found.group(3).rstrip('.!')}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return (lines[1] if len(lines) > 1 else lines[0] if lines
+            else type(err).__name__)[:300]
+
+
 def evaluate_checkpoint(checkpoint: str, manifest: dict, split: str = "test",
                         image_size: int = 64, val_fraction: float = 0.1) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         local = storage.download_dir(storage.resolve(checkpoint), tmp)
         spec, state, _ = load_checkpoint(local)
-    model = build_model(spec)
-    model.load_state_dict(state)
+    model = load_model(spec, state, checkpoint)
     pixels, labels = load_split(manifest, split, val_fraction)
     return score(predict_proba(model, pixels, image_size), labels, manifest["classes"])

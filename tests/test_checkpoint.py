@@ -96,6 +96,21 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
     assert marker.exists()
 
 
+def test_a_refused_pickle_is_named_and_torchs_unsafe_advice_dropped(tmp_path):
+    folder, _, _ = saved(tmp_path)
+    torch.save({"out.weight": Payload(tmp_path / "pwned")}, folder / "model.pt")
+    (folder / "meta.json").write_text(json.dumps(
+        {"sha256": _sha256(folder / "model.pt")}))
+    with pytest.raises(RunnerError) as err:
+        load_checkpoint(folder)
+    text = str(err.value)
+    assert text.startswith(f"refused to load {folder / 'model.pt'}: the file holds "
+                           "pickled Python objects (it asks for exec), not plain "
+                           "tensors")
+    assert "refused for safety" in text and "\n" not in text
+    assert "weights_only" not in text and "trust" not in text
+
+
 def test_non_tensor_content_is_refused(tmp_path):
     folder, _, _ = saved(tmp_path)
     torch.save([torch.zeros(1)], folder / "model.pt")
@@ -120,8 +135,10 @@ def test_weights_that_do_not_fit_the_spec_are_named(tmp_path):
     other = small_spec().to_dict()
     other["dense"] = [9]
     (folder / "spec.json").write_text(json.dumps(other))
-    with pytest.raises(RunnerError, match=r"head.0.weight expected \(9, 256\)"):
+    with pytest.raises(RunnerError, match=r"head.0.weight expected \(9, 256\)") as err:
         load_checkpoint(folder)
+    assert str(err.value).startswith(f"checkpoint {folder}: weights do not fit "
+                                     "spec 'small': ")
 
 
 def test_bad_spec_json_names_the_file(tmp_path):

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from runner.cli import EXAMPLES, main
-from runner.model import build_model, classifier_1, load_checkpoint, save_checkpoint
+from runner.model import (
+    build_model,
+    classifier_1,
+    classifier_2,
+    load_checkpoint,
+    save_checkpoint,
+)
 from runner.model.checkpoint import _sha256
 
 
@@ -197,7 +203,10 @@ def test_an_unsafe_pickle_is_refused_in_one_line(ckpt, cats_dogs_subset, tmp_pat
                   "classifier_2", "--out", tmp_path / "x"]):
         status, out, err = run_cli(capsys, *argv)
         assert status == 2 and out == "" and err.count("\n") == 1
-        assert "refused to load" in err
+        assert f"refused to load {folder / 'model.pt'}: the file holds pickled " \
+               "Python objects (it asks for exec), not plain tensors" in err
+        assert "refused for safety" in err
+        assert "weights_only" not in err  # torch's advice to load it unsafely
     assert not marker.exists()
 
 
@@ -224,3 +233,114 @@ def test_the_cli_keeps_ray_on_loopback_before_ray_reads_its_settings():
            if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
     assert subprocess.run([sys.executable, "-c", code], env=env,
                           capture_output=True).returncode == 0
+
+
+# --- user-fixable mistakes: one line, exit 2, nothing already written damaged ---
+
+
+def one_line_error(capsys, *argv) -> str:
+    status, out, err = run_cli(capsys, *argv)
+    assert status == 2 and out == "", err
+    assert err.startswith("runner: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_report_of_a_file_says_it_is_not_a_run_folder(tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a run")
+    err = one_line_error(capsys, "report", notes)
+    assert err.startswith(f"runner: error: {notes}: is a file, not a run folder")
+    assert notes.read_text() == "not a run"
+
+
+def test_transfer_onto_a_file_is_refused_and_the_file_kept(ckpt, tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    for out in (notes, notes / "grown"):  # the file itself, or in the way
+        err = one_line_error(capsys, "transfer", "--from", ckpt, "--op",
+                             "plain_copy", "--to", "classifier_2", "--out", out)
+        assert f"--out {out}: " in err and "is a file, not a folder" in err
+    assert notes.read_text() == "keep me"
+
+
+def swapped_spec(ckpt, folder):
+    """``ckpt``'s weights and meta under classifier_2's spec, as if spec.json
+    had been copied over from another model's checkpoint."""
+    folder.mkdir()
+    for name in ("model.pt", "meta.json"):
+        (folder / name).write_bytes((ckpt / name).read_bytes())
+    (folder / "spec.json").write_text(json.dumps(classifier_2().to_dict()))
+    return folder
+
+
+def test_weights_that_do_not_fit_the_spec_name_the_checkpoint_everywhere(
+        ckpt, cats_dogs_subset, cache, tmp_path, capsys):
+    folder = swapped_spec(ckpt, tmp_path / "swapped")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "lineage.json").write_text(json.dumps(
+        {"stages": [{"name": "seed", "checkpoint": str(folder)}],
+         "data": {"classes": ["cats", "dogs"], "base_size": 72}}))
+    exported = tmp_path / "model.ts"
+    for target in (folder, run):  # the folder itself, or a run's winner
+        for argv in (["predict", target, *jpegs(cats_dogs_subset)],
+                     ["evaluate", target, "--data", cats_dogs_subset, "--cache",
+                      cache],
+                     ["export", target, "--format", "torchscript", "--out",
+                      exported]):
+            err = one_line_error(capsys, *argv)
+            assert (f"checkpoint {folder}: weights do not fit spec "
+                    "'classifier_2'") in err
+    assert not exported.exists()
+
+
+@pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants")
+def test_tensors_torch_cannot_load_into_the_model_are_one_line(
+        ckpt, cats_dogs_subset, tmp_path, capsys):
+    # right names and shapes, but sparse: torch refuses to copy them
+    folder = tmp_path / "sparse"
+    folder.mkdir()
+    (folder / "spec.json").write_bytes((ckpt / "spec.json").read_bytes())
+    _, state, _ = load_checkpoint(ckpt)
+    torch.save({k: v.to_sparse() for k, v in state.items()}, folder / "model.pt")
+    (folder / "meta.json").write_text(json.dumps(
+        {"sha256": _sha256(folder / "model.pt")}))
+    for argv in (["predict", folder, *jpegs(cats_dogs_subset)],
+                 ["export", folder, "--format", "torchscript", "--out",
+                  tmp_path / "model.ts"]):
+        err = one_line_error(capsys, *argv)
+        assert (f"checkpoint {folder}: weights do not fit spec 'classifier_1': "
+                "blocks.0.convs.0.weight: ") in err
+
+
+def tree(folder):
+    """Every file under ``folder`` with its size and modification time."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_evaluating_another_folder_never_writes_into_the_runs_shards(
+        ckpt, cats_dogs_subset, tmp_path, capsys):
+    from runner.data.ingest import ingest
+    run, other = tmp_path / "run", tmp_path / "other"
+    ingest(str(cats_dogs_subset), str(run / "data"), workers=1)
+    (run / "lineage.json").write_text(json.dumps(
+        {"stages": [{"name": "seed", "checkpoint": str(ckpt)}],
+         "data": {"classes": ["cats", "dogs"], "base_size": 72,
+                  "location": str(run / "data")}}))
+    for split in ("training_set", "test_set"):  # a smaller, other folder
+        for cls in ("cats", "dogs"):
+            (other / split / cls).mkdir(parents=True)
+            for jpeg in sorted((cats_dogs_subset / split / cls).glob("*.jpg"))[:4]:
+                (other / split / cls / jpeg.name).write_bytes(jpeg.read_bytes())
+    shards = tree(run / "data")
+
+    status, out, _ = run_cli(capsys, "evaluate", run, "--data", other, "--json")
+    assert status == 0 and json.loads(out)["images"] == 8
+    assert tree(run / "data") == shards  # its own cache: RUN/eval-data
+    assert (run / "eval-data" / "manifest.json").is_file()
+
+    err = one_line_error(capsys, "evaluate", run, "--data", other, "--cache",
+                         run / "data")
+    assert f"--cache {run / 'data'} is the run's own data folder" in err
+    assert tree(run / "data") == shards

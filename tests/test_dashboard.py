@@ -30,6 +30,7 @@ import pytest
 from runner import storage
 from runner.cli import main
 from runner.dashboard import load_state, make_server, merge, render_sections
+from runner.errors import RunnerError
 from runner.growth.variants import best_epoch, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -367,6 +368,43 @@ def test_a_run_that_does_not_exist_is_one_line(tmp_path, capsys):
     assert main(["dashboard", str(tmp_path / "nope"), "--port", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"runner: error: {tmp_path / 'nope'}: no such run folder"
+
+
+def dashboard_error(capsys, *argv) -> str:
+    assert main(["dashboard", *map(str, argv)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("runner: error: ") and err.count("\n") == 1, err
+    return err.strip().removeprefix("runner: error: ")
+
+
+def test_a_port_out_of_range_is_one_line_naming_port(tmp_path, capsys):
+    for port in ("99999", "-1"):
+        assert dashboard_error(capsys, tmp_path, "--port", port) == \
+            f"--port {port}: must be 0..65535 (0 picks a free one)"
+
+
+def test_a_busy_port_is_one_line_naming_port(tmp_path, capsys):
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        err = dashboard_error(capsys, tmp_path, "--port", port)
+    assert err.startswith(f"--port {port}: 127.0.0.1:{port} is already in use; "
+                          "choose another --port")
+
+
+def test_an_address_not_of_this_machine_is_one_line_naming_host(tmp_path, capsys):
+    # 192.0.2.1 is reserved for documentation: no machine has it, nothing is sent
+    err = dashboard_error(capsys, tmp_path, "--host", "192.0.2.1", "--port", 0)
+    assert err.startswith("--host 192.0.2.1: cannot listen there")
+
+
+def test_a_file_is_not_a_run_folder(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("x")
+    with pytest.raises(RunnerError, match=f"^{notes}: is a file, not a run folder"):
+        make_server(str(notes), "127.0.0.1", 0).server_close()
 
 
 # --- in a real browser ---------------------------------------------------------------

@@ -129,6 +129,74 @@ def test_a_bad_job_file_is_one_failed_line(capsys):
     assert "unknown setting train.wrokers (did you mean 'workers'?)" in fails[0]
 
 
+def checked(check, *argv) -> list[tuple[str, str]]:
+    """One check's lines for a job, run alone (no Ray is looked for)."""
+    from runner.doctor import Context, check_job
+    ctx = Context(job_path=str(argv[0]), overrides=[str(a) for a in argv[1:]])
+    assert check_job(ctx)[0][0] == "ok"
+    return check(ctx)
+
+
+def test_data_counts_image_files_not_other_files(data, tmp_path):
+    from runner.doctor import check_data
+    for name in ("README.txt", "labels.csv"):
+        (data / "training_set" / "cats" / name).write_text("notes")
+    [(status, text)] = checked(check_data, JOB, f"data.root={data}")
+    assert status == "ok"
+    assert text == (f"data {data}: image files per class: train cats 40, dogs 40; "
+                    "test cats 20, dogs 20; 2 other files (kept only if it "
+                    "decodes as an image)")
+
+
+def test_a_class_folder_without_image_names_warns_naming_it(data, tmp_path):
+    from runner.doctor import check_data
+    for jpeg in (data / "test_set" / "dogs").iterdir():
+        jpeg.rename(jpeg.with_suffix(".txt"))
+    [(status, text)] = checked(check_data, JOB, f"data.root={data}")
+    assert status == "warn"
+    assert f"no file named like an image (.jpg, .png, ...) in {data}/test_set/dogs" \
+        in text
+    assert f"data.root in {JOB}" in text
+
+
+def init_job(tmp_path, data, init) -> Path:
+    job = tmp_path / "from_init.yaml"
+    job.write_text(f"name: from_init\nstorage: {tmp_path}/run\n"
+                   f"data: {{root: {data}}}\n"
+                   f"stages:\n  - {{name: seed, init: {init}, epochs: 1}}\n")
+    return job
+
+
+def test_a_first_stage_init_checkpoint_is_checked(data, tmp_path):
+    import json
+
+    import torch
+
+    from runner.doctor import check_init
+    from runner.model import build_model, classifier_1, classifier_2, save_checkpoint
+    good = save_checkpoint(tmp_path / "good", classifier_1(),
+                           build_model(classifier_1()).state_dict(), {})
+    assert checked(check_init, JOB) == []  # the job starts from a spec
+    [(status, text)] = checked(check_init, init_job(tmp_path, data, good))
+    assert status == "ok"
+    assert text == f"init checkpoint {good}: classifier_1, 4,195,457 parameters, loads"
+
+    missing = tmp_path / "nope"
+    job = init_job(tmp_path, data, missing)
+    [(status, text)] = checked(check_init, job)
+    assert status == "FAIL" and text.startswith(f"init checkpoint {missing}: no such")
+    assert f"stages[0].init (seed) in {job}" in text
+
+    swapped = Path(shutil.copytree(good, tmp_path / "swapped"))
+    (swapped / "spec.json").write_text(json.dumps(classifier_2().to_dict()))
+    [(status, text)] = checked(check_init, init_job(tmp_path, data, swapped))
+    assert status == "FAIL" and "weights do not fit spec 'classifier_2'" in text
+
+    torch.save({"x": [1]}, swapped / "model.pt")  # not tensors, wrong checksum
+    [(status, text)] = checked(check_init, init_job(tmp_path, data, swapped))
+    assert status == "FAIL" and "corrupt or truncated" in text
+
+
 # --- against a real local Ray (2 CPUs) ----------------------------------------------
 
 
@@ -143,7 +211,7 @@ def test_all_good_against_a_running_cluster(ray_local, data, tmp_path):
     assert f"ok   Ray cluster at {gcs} (--address): 2 CPUs on 1 node" in text
     assert "ok   Ray nodes: 127.0.0.1 (2 CPUs)" in text
     assert "dashboard / job server at http://127.0.0.1:" in text
-    assert (f"ok   data {data}: files per class: train cats 40, dogs 40; "
+    assert (f"ok   data {data}: image files per class: train cats 40, dogs 40; "
             "test cats 20, dogs 20") in text
     assert "= 2 of 2 CPUs (the running cluster)" in text
     assert "ok   each training worker runs " in text
@@ -166,6 +234,19 @@ def test_a_job_wanting_more_cpus_than_the_cluster_fails_with_the_numbers(
     assert "a trial needs 4.5 CPUs (2 training workers x 2 + 0.5 for " \
            "augmentation) but the Ray cluster has 2" in fails[0]
     assert "train.cpus_per_worker" in fails[0]
+
+
+def test_a_cluster_found_here_is_joined_with_its_token(ray_local, data, tmp_path):
+    # As runner.cluster.connect: "auto", so Ray sends ~/.ray/auth_token even
+    # where RAY_AUTH_MODE is not set in the environment.
+    gcs = ray_local.get_runtime_context().gcs_address
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    status, lines = doctor_process(JOB, "--set", f"storage={tmp_path}/run",
+                                   "--set", f"data.root={data}", env=env)
+    assert status == 0, lines
+    assert f"ok   Ray cluster at {gcs} (found running on this machine): 2 CPUs " \
+           "on 1 node" in lines
 
 
 def test_joining_without_the_token_fails_saying_how_to_send_it(ray_local, tmp_path):

@@ -347,10 +347,54 @@ def test_symlinks(tmp_path):
     (cats / "inside.jpg").symlink_to(root / "test_set/cats/cat.4001.jpg")
     (cats / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
     manifest = run(root, tmp_path / "out")
-    assert skips(manifest) == {"training_set/cats/outside.jpg": "symlink_outside_root",
-                               "training_set/cats/dangling.jpg": "broken_symlink"}
-    assert manifest["counts"]["train"]["cats"] == 3
-    assert "training_set/cats/inside.jpg" in read_rows(tmp_path / "out", manifest)
+    assert skips(manifest) == {"training_set/cats/dangling.jpg": "broken_symlink"}
+    assert manifest["counts"]["train"]["cats"] == 4
+    rows = read_rows(tmp_path / "out", manifest)
+    assert {f"training_set/cats/{name}.jpg" for name in ("inside", "outside")} \
+        <= set(rows)
+
+
+def linked_root(tmp_path: Path, per_class: int) -> Path:
+    """The layout of make_root, every image a link to the real JPEG (``cp -s``)."""
+    root = tmp_path / "links"
+    for split in ("training_set", "test_set"):
+        for cls in ("cats", "dogs"):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(1, per_class + 1):
+                name = f"{cls[:-1]}.{_first(split) + i}.jpg"
+                (folder / name).symlink_to(DATA / split / cls / name)
+    return root
+
+
+def test_a_class_folder_of_links_ingests_like_one_of_copies(tmp_path):
+    links, copies = linked_root(tmp_path, 3), make_root(tmp_path, per_class=3)
+    linked = run(links, tmp_path / "out_links")
+    copied = run(copies, tmp_path / "out_copies")
+    assert linked["skipped"] == []
+    assert linked["counts"] == copied["counts"] == {
+        "train": {"cats": 3, "dogs": 3}, "test": {"cats": 3, "dogs": 3}}
+    rows = read_rows(tmp_path / "out_links", linked)
+    assert rows == read_rows(tmp_path / "out_copies", copied)  # same pixels
+    assert ingest_mod.check_layout(str(links))["images"] == linked["counts"]
+
+
+def test_a_link_to_a_folder_is_never_walked_even_when_it_loops(tmp_path):
+    root = linked_root(tmp_path, 1)
+    (root / "training_set" / "cats" / "loop").symlink_to(root / "training_set")
+    manifest = run(root, tmp_path / "out")
+    assert skips(manifest) == {"training_set/cats/loop": "nested_dir"}
+    assert manifest["counts"]["train"] == {"cats": 1, "dogs": 1}
+
+
+def test_a_class_folder_of_only_broken_links_says_why_it_has_no_images(tmp_path):
+    root = make_root(tmp_path, per_class=1)
+    dogs = root / "test_set" / "dogs"
+    (dogs / "dog.4001.jpg").unlink()
+    (dogs / "dog.4001.jpg").symlink_to(tmp_path / "moved" / "dog.4001.jpg")
+    with pytest.raises(RunnerError, match=r"test_set/dogs has no image files "
+                                          r"\(skipped: broken_symlink 1\)"):
+        run(root, tmp_path / "out")
 
 
 def test_names_with_spaces_and_non_ascii(tmp_path):

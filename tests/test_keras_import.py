@@ -256,3 +256,14 @@ def test_bad_settings_get_one_line(saved, tmp_path, capsys):
     err = one_line_error(capsys, "import-keras", weights, "--spec", "classifier_1",
                          "--out", tmp_path / "b")
     assert "already holds a checkpoint" in err
+
+
+def test_an_existing_file_as_out_is_refused_and_kept(saved, tmp_path, capsys):
+    weights = saved["classifier_1"]["folder"] / "keras3.weights.h5"
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    for out in (notes, notes / "imported"):  # the file itself, or in the way
+        err = one_line_error(capsys, "import-keras", weights, "--spec",
+                             "classifier_1", "--out", out)
+        assert f"--out {out}: " in err and "is a file, not a folder" in err
+    assert notes.read_text() == "keep me"

@@ -30,10 +30,13 @@ Rules (each skipped file is listed in the manifest with a reason and detail):
   ``Thumbs.db``, ``desktop.ini``, ``__MACOSX``; ignored and counted.
 - ``nested_dir``: a folder inside a class folder is not descended into (a
   class is exactly the files directly in its folder); reported once.
-- ``symlink_outside_root``: a link whose target lies outside ``data_root`` is
-  not followed; links inside the root are followed. Class and split folders
-  may themselves be links. ``broken_symlink``, ``not_a_file`` (fifo, socket)
-  and ``not_in_class_folder`` (a file directly in training_set) are reported.
+- Links: a link to a file is read like the file, wherever it points, so a
+  class folder of links (``cp -s``, ``ln -s``) ingests like one of copies. A
+  link to a folder inside a class folder is a ``nested_dir`` like any
+  folder, so no folder is walked twice and a link loop is never followed.
+  Class and split folders may themselves be links. ``broken_symlink``,
+  ``not_a_file`` (fifo, socket) and ``not_in_class_folder`` (a file directly
+  in training_set) are reported.
 - ``empty`` (0 bytes), ``unreadable`` (permission), ``not_an_image``.
 - ``too_large``: the header's size is checked against ``max_pixels`` (50 MP)
   before any pixel is decoded; Pillow's DecompressionBombError counts too.
@@ -100,6 +103,10 @@ MANIFEST = "manifest.json"
 SPLITS = {"train": "training_set", "test": "test_set"}
 MAX_PIXELS = 50_000_000  # ~150 MB as RGB: more than any photo, less than a bomb
 HIDDEN_NAMES = frozenset({".ds_store", "thumbs.db", "desktop.ini", "__macosx"})
+# Names of the photo formats Pillow decodes; only for counting without opening
+# files (check_layout). Ingest itself judges every file by its content.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp",
+                              ".gif", ".tif", ".tiff", ".webp"})
 SHARD_PREFIX = "shards-"
 PROGRESS_EVERY = 2000  # images between progress lines
 CHUNK = 32  # images per task sent to a worker process: amortises pickling
@@ -230,17 +237,22 @@ def summary(manifest: dict) -> str:
 
 def check_layout(data_root: str) -> dict:
     """The checks ingest makes before decoding, alone and cheap: ``{"root",
-    "classes", "counts": {split: {class: files}}, "skipped"}`` from listing the
-    folders, no image opened. RunnerError naming the folder at the first
-    problem: a missing split folder, class folders that differ between the
-    splits or number fewer than two, a class folder with no files."""
+    "classes", "counts": {split: {class: files}}, "images": {split: {class:
+    files named like images}}, "skipped"}`` from listing the folders, no image
+    opened (``images`` goes by IMAGE_EXTENSIONS; ingest keeps whatever
+    decodes). RunnerError naming the folder at the first problem: a missing
+    split folder, class folders that differ between the splits or number
+    fewer than two, a class folder with no files."""
     root = _check_root(data_root)
     scan = _scan(root)
     counts = {split: dict.fromkeys(scan.classes, 0) for split in SPLITS}
+    images = {split: dict.fromkeys(scan.classes, 0) for split in SPLITS}
     for item in scan.items:
         counts[item.split][scan.classes[item.label]] += 1
+        if os.path.splitext(item.rel)[1].lower() in IMAGE_EXTENSIONS:
+            images[item.split][scan.classes[item.label]] += 1
     return {"root": root, "classes": scan.classes, "counts": counts,
-            "skipped": len(scan.skipped)}
+            "images": images, "skipped": len(scan.skipped)}
 
 
 # ---------------------------------------------------------- checks and scan
@@ -338,10 +350,17 @@ def _scan(root: str) -> _Scan:
             found, skips = _scan_class(root, split, label, f"{folder}/{name}")
             if not found:
                 raise RunnerError(f"class folder {os.path.join(root, folder, name)} "
-                                  "has no image files")
+                                  f"has no image files{_reasons(skips)}")
             items += found
             skipped += skips
     return _Scan(classes, items, skipped)
+
+
+def _reasons(skips: list[dict]) -> str:
+    """" (skipped: hidden 2, nested_dir 1)" for the entries passed over, or ""."""
+    counts = collections.Counter(s["reason"] for s in skips)
+    listed = ", ".join(f"{r} {n}" for r, n in sorted(counts.items()))
+    return f" (skipped: {listed})" if listed else ""
 
 
 def _check_classes(root: str) -> tuple[list[str], list[dict]]:
@@ -378,7 +397,7 @@ def _scan_class(root: str, split: str, label: int, rel_dir: str):
     items, skipped = [], []
     for entry in _entries(os.path.join(root, rel_dir)):
         rel = f"{rel_dir}/{entry.name}"
-        reason, detail = _entry_problem(entry, root)
+        reason, detail = _entry_problem(entry)
         if reason:
             skipped.append(_skip_record(rel, reason, detail))
         else:
@@ -386,18 +405,14 @@ def _scan_class(root: str, split: str, label: int, rel_dir: str):
     return items, skipped
 
 
-def _entry_problem(entry: os.DirEntry, root: str) -> tuple[str | None, str]:
+def _entry_problem(entry: os.DirEntry) -> tuple[str | None, str]:
     """Why a directory entry is not a candidate image, or (None, "")."""
     if _is_hidden(entry.name):
         return "hidden", "hidden or system file"
     if not _name_is_utf8(entry.name):
         return "bad_name", "file name is not valid UTF-8"
-    if entry.is_symlink():
-        target = os.path.realpath(entry.path)
-        if not os.path.exists(target):
-            return "broken_symlink", f"points to missing {os.readlink(entry.path)}"
-        if not _within(target, root):
-            return "symlink_outside_root", f"points to {target}; not followed"
+    if entry.is_symlink() and not os.path.exists(entry.path):
+        return "broken_symlink", f"points to missing {os.readlink(entry.path)}"
     if entry.is_dir():
         return "nested_dir", "folders inside a class folder are not read"
     if not entry.is_file():

@@ -19,6 +19,8 @@ import hashlib
 import json
 import logging
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 
@@ -100,14 +102,29 @@ def _load_tensors(path: Path) -> dict:
     try:
         data = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as err:  # unpickling raises many types; all mean "unsafe"
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
-        raise RunnerError(
-            f"refused to load {path}: not plain tensors ({reason})") from err
+        raise RunnerError(_refusal(path, err)) from err
     if not isinstance(data, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()
     ):
         raise RunnerError(f"refused to load {path}: expected a dict of named tensors")
     return data
+
+
+def _refusal(path: Path, err: Exception) -> str:
+    """Why ``path`` was not loaded, in one line. torch's own message advises
+    loading with weights_only=False, which would let the file run code, so it
+    is never passed on; only the object the pickle asked for is named."""
+    if isinstance(err, pickle.UnpicklingError):
+        wanted = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        held = (f"pickled Python objects (it asks for {wanted.group(1)})" if wanted
+                else "pickled data")
+        return (f"refused to load {path}: the file holds {held}, not plain "
+                "tensors; such a file can run code when it is loaded, so it is "
+                "refused for safety")
+    lines = str(err).strip().splitlines()
+    reason = lines[0] if lines and "weights_only" not in lines[0] else \
+        type(err).__name__
+    return f"refused to load {path}: not a file of plain tensors ({reason})"
 
 
 def normalise_keys(state_dict: dict) -> dict:
@@ -142,7 +159,10 @@ def load_checkpoint(directory) -> tuple[ModelSpec, dict, dict]:
     except RunnerError as err:
         raise RunnerError(f"{folder / 'spec.json'}: {err}") from err
     state_dict = normalise_keys(_load_tensors(model_path))
-    check_compatible(spec, state_dict)
+    try:
+        check_compatible(spec, state_dict)
+    except RunnerError as err:
+        raise RunnerError(f"checkpoint {folder}: {err}") from err
     return spec, state_dict, meta
 
 
