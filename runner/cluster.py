@@ -70,10 +70,20 @@ def connect(job: JobConfig) -> float:
     cpus = ray.cluster_resources().get("CPU", 0.0)
     if cpus <= 0:
         raise RunnerError("the Ray cluster has no CPUs to train on")
-    log.info("Ray cluster: %g CPUs on %d node(s), dashboard %s", cpus,
-             len([n for n in ray.nodes() if n["Alive"]]),
-             ray.get_runtime_context().gcs_address)
+    log.info("Ray cluster at %s: %g CPUs on %d node(s)%s",
+             ray.get_runtime_context().gcs_address, cpus,
+             len([n for n in ray.nodes() if n["Alive"]]), _dashboard())
     return cpus
+
+
+def _dashboard() -> str:
+    """", dashboard at http://..." when this driver knows the Ray dashboard."""
+    try:
+        from ray._private.worker import _global_node
+        url = _global_node.address_info.get("webui_url") if _global_node else None
+    except (ImportError, AttributeError):
+        url = None
+    return f", dashboard at http://{url}" if url else ""
 
 
 def keep_idle_workers(cpus: int) -> None:

@@ -64,17 +64,15 @@ def prepare(job: JobConfig) -> tuple[storage.Location, dict]:
 def check_init(checkpoint: str) -> None:
     """The first stage's ``init:`` checkpoint must exist, verify and fit its
     own spec; found out here, not in a trial after the cluster is up."""
-    from runner.model import build_model
+    from runner.evaluate import load_model
 
     try:
         with tempfile.TemporaryDirectory() as tmp:
             spec, state, _ = load_checkpoint(storage.download_dir(
                 storage.resolve(checkpoint), tmp))
-        build_model(spec).load_state_dict(state)
-    except (RunnerError, OSError, RuntimeError) as err:
-        text = str(err).strip().splitlines()[0] if str(err).strip() else \
-            type(err).__name__
-        raise RunnerError(f"stages[0].init {checkpoint}: {text}") from None
+        load_model(spec, state, checkpoint)
+    except (RunnerError, OSError) as err:
+        raise RunnerError(f"stages[0].init {checkpoint}: {err}") from None
 
 
 def grow(job: JobConfig) -> dict:
