@@ -346,11 +346,19 @@ def test_a_run_on_s3_is_served_from_the_bucket(serve, monkeypatch):
         server.stop()
 
 
+def hears_ctrl_c() -> None:
+    """In the child, before it runs: SIGINT back to its default. A test run
+    started in the background of a shell without job control inherits
+    SIGINT ignored, and so would every process it starts."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_the_command_prints_its_url_and_stops_on_ctrl_c(tmp_path):
     write(tmp_path, "lineage.json", {"run": "demo", "stages": [SEED]})
     proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "dashboard",
                              str(tmp_path), "--port", "0"], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=hears_ctrl_c)
     try:
         line = proc.stdout.readline()
         url = line.split(": ", 1)[1].split()[0]
@@ -599,7 +607,7 @@ def growth_run(tmp_path, cats_dogs_subset):
         for a in ("--set", s)]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=hears_ctrl_c)
     run = GrowthRun(proc, root, log_path)
     yield run
     run.stop()
