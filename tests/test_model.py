@@ -130,3 +130,37 @@ def test_get_spec(tmp_path):
     path.write_text("{not json")
     with pytest.raises(RunnerError, match="mine.json"):
         get_spec(path)
+
+
+def _textbook_block(block, x):
+    """conv (+ bn) -> ReLU for every conv, then the pool: the order the specs
+    describe, with nothing moved or done in place."""
+    for j, conv in enumerate(block.convs):
+        x = conv(x)
+        if block.bns is not None:
+            x = block.bns[j](x)
+        x = torch.relu(x)
+    return block.pool(x)
+
+
+@pytest.mark.parametrize("batchnorm", [False, True])
+@pytest.mark.parametrize("pool", ["max", "avg", "none"])
+def test_block_matches_relu_then_pool_in_values_and_gradients(pool, batchnorm):
+    torch.manual_seed(0)
+    spec = ModelSpec("b", input_size=16, blocks=(ConvBlock(
+        (ConvLayer(5), ConvLayer(7)), pool=pool, batchnorm=batchnorm),))
+    block = build_model(spec).blocks[0].train()
+    x = torch.randn(4, 3, 16, 16)
+    grads = []
+    for forward in (block, lambda t: _textbook_block(block, t)):
+        block.zero_grad()
+        xi = x.clone().requires_grad_()
+        out = forward(xi)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append((out.detach(), xi.grad,
+                      [p.grad.clone() for p in block.parameters()]))
+    (out, gx, gp), (ref, ref_gx, ref_gp) = grads
+    assert torch.equal(out, ref)
+    torch.testing.assert_close(gx, ref_gx, rtol=0, atol=1e-6)
+    for got, want in zip(gp, ref_gp):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

@@ -265,7 +265,16 @@ def train_flops_per_image(spec: ModelSpec) -> int:
 
 
 class Block(nn.Module):
-    """convs (+ bns) with ReLU, then the pool."""
+    """convs (+ bns) with ReLU, then the pool.
+
+    With max pooling the block's last ReLU runs after the pool instead of
+    before it: both are monotone, so the values and gradients are the same,
+    but the ReLU (forward and backward) touches a quarter of the elements.
+    On CPU, where these element-wise passes over the biggest activations are
+    memory-bound, that is about a third of a training step. The ReLUs work in
+    place: neither a conv, a BatchNorm nor a max pool keeps its output for the
+    backward pass.
+    """
 
     def __init__(self, cin: int, block: ConvBlock):
         super().__init__()
@@ -281,14 +290,18 @@ class Block(nn.Module):
         else:
             self.bns = None
         self.pool = _pool(block)
+        self.relu_after_pool = block.pool == "max"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        last = len(self.convs) - 1
         for j, conv in enumerate(self.convs):
             x = conv(x)
             if self.bns is not None:
                 x = self.bns[j](x)
-            x = F.relu(x)
-        return self.pool(x)
+            if j < last or not self.relu_after_pool:
+                x = F.relu(x, inplace=True)
+        x = self.pool(x)
+        return F.relu(x, inplace=True) if self.relu_after_pool else x
 
 
 def _pool(block: ConvBlock) -> nn.Module:
