@@ -1,12 +1,16 @@
 """``runner``: ingest, grow, report, evaluate, predict, transfer, export, import-keras.
 
 Errors the user can fix print as one line (``runner: error: ...``) and exit
-with status 2; anything else is a bug and keeps its traceback.
+with status 2; anything else is a bug and keeps its traceback. ``predict``
+classifies every image it can read and names each one it cannot on a
+``runner: skipped ...`` line; it then exits 1, as ``doctor`` does when a
+check fails.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -38,6 +42,10 @@ DEFAULT_BASE_SIZE = 72  # px, ingest's default, for checkpoints that do not say
 DEFAULT_VAL_FRACTION = 0.1  # the job default, for checkpoints outside a run
 RUN_DEPTH = 8  # folders to climb from a checkpoint looking for its run
 DRIFT_IMAGES = 256  # as many as a stage measures drift on
+# growth-op parameters (runner.model.growth) that count or index layers,
+# filters or units: whole numbers only
+WHOLE_PARAMS = ("block", "layer", "filters", "index", "units", "after_layer",
+                "kernel", "pool_size")
 
 
 def _process_defaults() -> None:
@@ -59,12 +67,47 @@ def cmd_ingest(args) -> None:
 
 
 def cmd_grow(args) -> None:
+    from runner import cluster
     from runner.config import load_job
     from runner.growth.loop import grow
     job = load_job(args.job, args.set)
     if args.address:
         job.ray.address = args.address
-    grow(job)
+    # A dead address is found out before anything is ingested or written
+    # (grow's own checks come before that too, see growth.loop.prepare).
+    cluster.check_address(job, "--address" if args.address else
+                          f"ray.address in {args.job}")
+    with _no_empty_folder_left(job.storage):
+        grow(job)
+
+
+@contextlib.contextmanager
+def _no_empty_folder_left(path: str):
+    """A refused command leaves no empty folder of its own making behind:
+    the folders of local ``path`` that did not exist before it are removed
+    again if it fails with nothing in them (folders only, never a file)."""
+    from runner import storage
+    loc = storage.resolve(path)
+    made = None
+    if loc.is_local:
+        probe = loc.path
+        while not os.path.lexists(probe):
+            made, probe = probe, os.path.dirname(probe)
+    try:
+        yield
+    except RunnerError:
+        if made:
+            _remove_empty_folders(made)
+        raise
+
+
+def _remove_empty_folders(top: str) -> None:
+    """Remove ``top`` and the folders under it, deepest first, while empty."""
+    for folder, _, _ in os.walk(top, topdown=False):
+        try:
+            os.rmdir(folder)
+        except OSError:  # not empty: something was written there, keep it
+            pass
 
 
 def cmd_doctor(args) -> int:
@@ -77,6 +120,8 @@ def cmd_doctor(args) -> int:
 def cmd_report(args) -> None:
     from runner.report import report
     _check_run_folder(args.run)
+    if args.html:
+        _check_html_file(args.html)
     print(report(args.run))
     if args.html is not None:
         from runner.report_html import write_html
@@ -107,6 +152,20 @@ def _check_run_folder(path: str) -> None:
     if _kind(storage.resolve(path)) == "file":
         raise RunnerError(f"{path}: is a file, not a run folder; pass the run's "
                           f"storage root (the folder that holds {LINEAGE})")
+
+
+def _check_html_file(path: str) -> None:
+    """``--html FILE`` names a file to write (an old one is replaced): not a
+    folder, nor a path under a file."""
+    from runner import storage
+    out = storage.resolve(path)
+    if _kind(out) == "folder":
+        raise RunnerError(f"--html {path}: is a folder; name the page's file, e.g. "
+                          f"{path.rstrip('/')}/report.html")
+    blocker = _file_in_the_way(out)
+    if blocker not in (None, out.uri):
+        raise RunnerError(f"--html {path}: {blocker} is a file, not a folder; "
+                          "name a file in a folder")
 
 
 def _new_checkpoint_folder(path: str):
@@ -326,9 +385,24 @@ def cmd_predict(args) -> int:
     base = _base_size(meta, lineage)
     failed = 0
     for path in args.images:
-        # one bad file must not hide the answers for the others
-        failed += not _predict_one(model, spec.input_size, base, names, path)
+        images = _files_in(path) if os.path.isdir(path) else [path]
+        if not images:
+            print(f"runner: skipped {path}: a folder with no files in it",
+                  file=sys.stderr)
+            failed += 1
+        for image in images:
+            # one bad file must not hide the answers for the others
+            failed += not _predict_one(model, spec.input_size, base, names, image)
     return 1 if failed else 0
+
+
+def _files_in(folder: str) -> list[str]:
+    """The files directly in ``folder``, sorted; hidden names (``.DS_Store``,
+    ``Thumbs.db``) left out and sub-folders not entered, as ingest does."""
+    from runner.data.ingest import HIDDEN_NAMES
+    paths = [os.path.join(folder, name) for name in sorted(os.listdir(folder))
+             if not name.startswith(".") and name.lower() not in HIDDEN_NAMES]
+    return [p for p in paths if not os.path.isdir(p)]
 
 
 def _predict_one(model, image_size: int, base: int, names: list, path: str) -> bool:
@@ -340,8 +414,8 @@ def _predict_one(model, image_size: int, base: int, names: list, path: str) -> b
     outcome = decode_image(path, base)
     if outcome.image is None:
         detail = re.sub(r" at 0x[0-9a-f]+", "", str(outcome.detail))
-        print(f"runner: error: {path}: cannot decode: {outcome.reason} ({detail})",
-              file=sys.stderr)
+        print(f"runner: skipped {path}: cannot decode: {outcome.reason} "
+              f"({detail})", file=sys.stderr)
         return False
     # bytearray: a writable buffer, which torch.from_numpy wants
     pixels = np.frombuffer(bytearray(outcome.image), np.uint8)
@@ -432,7 +506,12 @@ def _params(pairs: list[str]) -> dict:
         key, sep, text = pair.partition("=")
         if not sep or not key.strip():
             raise RunnerError(f"--param {pair!r}: expected key=value, e.g. filters=64")
-        params[key.strip()] = yaml.safe_load(text)
+        key, value = key.strip(), yaml.safe_load(text)
+        if key in WHOLE_PARAMS and (isinstance(value, bool) or
+                                    not isinstance(value, int)):
+            raise RunnerError(f"--param {pair}: {key} must be a whole number, "
+                              f"got {text.strip()!r}")
+        params[key] = value
     return params
 
 
@@ -580,7 +659,9 @@ def _add_evaluate(s) -> None:
 def _add_predict(s) -> None:
     s.add_argument("checkpoint", metavar="CHECKPOINT",
                    help="checkpoint folder (or a run root: its last winner)")
-    s.add_argument("images", metavar="IMAGE", nargs="+", help="image files")
+    s.add_argument("images", metavar="IMAGE", nargs="+", help="image files, or "
+                   "folders of them (the files directly inside); exit status 1 "
+                   "if any could not be read (each is named, the rest classified)")
 
 
 def _add_export(s) -> None:

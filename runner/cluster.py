@@ -4,7 +4,9 @@ Under ``ray job submit`` the job supervisor sets RAY_ADDRESS and we join that
 cluster. Otherwise ``ray.address`` in the job (or ``--address``) names one,
 and with nothing set we join the one Ray already running on this machine (a
 ``ray start --head``), or start a private local Ray with ``ray.num_cpus``
-CPUs when there is none.
+CPUs when there is none. A given ``host:port`` is probed first (one TCP
+connect, :func:`check_reachable`, which ``runner doctor`` uses too): Ray
+itself would retry a dead address for minutes before giving up.
 
 Why not start a second cluster beside a running one: Ray Train frees the CPUs
 of a trial that Tune stopped early through Ray's state API, which cannot tell
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 import ray
 
@@ -25,6 +28,7 @@ from runner.errors import RunnerError
 log = logging.getLogger(__name__)
 
 IDLE_WORKERS_ENV = "RAY_num_workers_soft_limit"  # read by the raylet at start
+CONNECT_TIMEOUT_S = 3  # TCP probe of a Ray address before joining it
 
 
 def _running() -> str | None:
@@ -50,9 +54,40 @@ def find_address(configured: str | None = None) -> str | None:
     return configured or os.environ.get("RAY_ADDRESS") or _running()
 
 
+def check_reachable(address: str | None, where: str) -> None:
+    """Refuse at once, naming ``address`` and where it was given (``where``),
+    when it is a ``host:port`` with a port that is no number or where nothing
+    listens: ``ray.init`` would retry such an address for minutes. Forms Ray
+    resolves itself ("auto", None) pass unprobed."""
+    host, sep, port = (address or "").split("://")[-1].rstrip("/").rpartition(":")
+    if not sep:
+        return
+    if not (port.isdigit() and 0 < int(port) < 65536):
+        raise RunnerError(f"Ray address {address} ({where}): {port!r} is not a "
+                          "port number (1-65535); fix the address")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)),
+                                 CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        reason = err.strerror or str(err) or type(err).__name__
+        raise RunnerError(f"cannot reach Ray at {address} ({where}): {reason}; "
+                          "start it with `ray start --head` or fix the "
+                          "address") from None
+
+
+def check_address(job: JobConfig, where: str = "ray.address") -> None:
+    """:func:`check_reachable` for the address a run of ``job`` is given
+    (``ray.address``, set by ``--address`` too, else RAY_ADDRESS)."""
+    if job.ray.address:
+        check_reachable(job.ray.address, where)
+    else:
+        check_reachable(os.environ.get("RAY_ADDRESS"), "RAY_ADDRESS")
+
+
 def connect(job: JobConfig) -> float:
     """Make sure Ray is up; return the cluster's CPU count."""
     if not ray.is_initialized():
+        check_address(job)
         address = find_address(job.ray.address)
         if address and not (job.ray.address or os.environ.get("RAY_ADDRESS")):
             # The one local cluster, found by us: "auto" makes Ray attach the

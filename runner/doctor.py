@@ -9,7 +9,8 @@ that raises is reported as a failed line, never as a traceback.
 
 The checks lean on the code a run uses, so they judge what the run would
 judge: ``config.load_job`` for the job file, ``cluster.find_address`` for
-which Ray to join, ``storage.check_writable`` for the storage root,
+which Ray to join and ``cluster.check_reachable`` for its port (the probe
+``runner grow`` makes too), ``storage.check_writable`` for the storage root,
 ``ingest.check_layout`` for the data folder (files are listed, none decoded),
 ``checkpoint.load_checkpoint`` for a first stage's ``init:`` checkpoint,
 ``resources.plan`` for the CPU split and ``train.loop.worker_env`` for the
@@ -30,7 +31,6 @@ import logging
 import os
 import platform
 import shutil
-import socket
 import tempfile
 import urllib.error
 import urllib.request
@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 PINNED = ("torch", "torchvision", "ray")
 MIN_FREE_BYTES = 1 << 30   # the default job's run folder is about 0.4 GB
-CONNECT_TIMEOUT_S = 3      # TCP probe of a Ray address before joining it
 HTTP_TIMEOUT_S = 5         # dashboard / job server probe
 GIB = 1 << 30
 
@@ -172,10 +171,10 @@ def check_ray(ctx: Context) -> list[Check]:
         return _no_cluster(ctx)
     if address.startswith(("http://", "https://")):
         return _job_server_only(address, where)
-    problem = _unreachable(address)
-    if problem:
-        return [(FAIL, (f"cannot reach Ray at {address} ({where}): {problem}; start "
-                        "it with `ray start --head` or fix the address"))]
+    try:
+        cluster.check_reachable(address, where)
+    except RunnerError as err:
+        return [(FAIL, str(err))]
     try:
         # As runner.cluster.connect does: "auto" for the one local cluster
         # found here, so Ray sends its auth token (~/.ray/auth_token), which
@@ -218,20 +217,6 @@ def _job_server_only(address: str, where: str) -> list[Check]:
         return [(FAIL, f"{text} ({where}); start the cluster or fix the address")]
     return [(status, (f"{text} ({where}); it takes jobs through `ray job submit`, "
                       "and their CPU plan is checked when they start there"))]
-
-
-def _unreachable(address: str) -> str | None:
-    """Why nothing listens at a host:port address, or None (also for "auto"
-    and other forms Ray resolves itself)."""
-    host, sep, port = address.split("://")[-1].rpartition(":")
-    if not sep or not port.isdigit():
-        return None
-    try:
-        socket.create_connection((host.strip("[]"), int(port)),
-                                 CONNECT_TIMEOUT_S).close()
-    except OSError as err:
-        return err.strerror or str(err) or type(err).__name__
-    return None
 
 
 def _join_hint() -> str:
@@ -430,8 +415,8 @@ def check_init(ctx: Context) -> list[Check]:
     weights that fit its spec)."""
     from runner import storage
     from runner.evaluate import load_model
-    from runner.model import num_params
     from runner.model.checkpoint import load_checkpoint
+    from runner.model import num_params
     if ctx.job is None or not ctx.job.stages or not ctx.job.stages[0].init:
         return []
     init = ctx.job.stages[0].init

@@ -172,8 +172,8 @@ def export_onnx(spec: ModelSpec, state: dict, meta: dict, path) -> Path:
     path = _out_path(path)
     missing = [p for p in ONNX_PACKAGES if importlib.util.find_spec(p) is None]
     if missing:
-        raise RunnerError(f"ONNX export needs {', '.join(missing)}: "
-                          "pip install 'runner[onnx]'")
+        raise RunnerError(f"ONNX export needs {', '.join(missing)}: run "
+                          "`.venv/bin/pip install -e '.[onnx]'` in the project")
     import onnx
     import onnxruntime
 

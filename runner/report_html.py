@@ -10,11 +10,13 @@ helpers (``esc``, ``fmt``, ``plot``, ``flops_plot``, ``lineage_tree``,
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from html import escape
 from math import ceil, floor, log10
 
 from runner import storage
+from runner.errors import RunnerError
 from runner.report import load_lineage
 from runner.growth.variants import path_curve
 
@@ -287,5 +289,10 @@ def write_html(run: str, out: str | None = None) -> str:
     root = storage.resolve(run)
     page = render_html(load_lineage(run))
     target = storage.resolve(out) if out else root.join("report.html")
-    storage.write_bytes(target, page.encode("utf-8"))
+    try:
+        storage.write_bytes(target, page.encode("utf-8"))
+    except OSError as err:  # no permission, a folder or a file in the way
+        reason = os.strerror(err.errno) if err.errno else str(err).strip()
+        raise RunnerError(f"cannot write the report page {out or target.uri}: "
+                          f"{reason}") from err
     return target.uri

@@ -19,6 +19,7 @@ short mid-way resumes inside Tune, see ``runner.growth.stage``).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import tempfile
@@ -27,19 +28,24 @@ import time
 import yaml
 
 from runner import storage
-from runner.config import JobConfig, StageConfig
+from runner.config import JobConfig, StageConfig, blame_file
 from runner.data.ingest import ingest, summary
 from runner.errors import RunnerError
 from runner.evaluate import evaluate_checkpoint
 from runner.growth.progress import LIVE, Progress
-from runner.growth.variants import select_winner, stage_trials, verdict
-from runner.model import train_flops_per_image
+from runner.growth.variants import select_winner, stage_children, stage_trials, verdict
+from runner.model import get_spec, train_flops_per_image
 from runner.model.checkpoint import load_checkpoint
 from runner.report import format_report
 
 log = logging.getLogger(__name__)
 
 LINEAGE = "lineage.json"
+JOB_FILE = "job.yaml"
+# Settings a run may be resumed with changed (see check_resume).
+RESUME_MAY_CHANGE = ("storage", "ray.address")
+SHOWN_CHANGES = 6  # differing settings a refused resume names, at most
+_NOT_SET = object()  # a key or list item one job has and the other lacks
 
 
 def shards_location(job: JobConfig, root: storage.Location) -> storage.Location:
@@ -48,12 +54,15 @@ def shards_location(job: JobConfig, root: storage.Location) -> storage.Location:
 
 def prepare(job: JobConfig) -> tuple[storage.Location, dict]:
     """Everything that can fail on bad input, before any cluster work:
-    the storage root must be writable, a first stage's ``init:`` checkpoint
-    must load and the data must ingest."""
+    every stage's variants must build (from the first stage's spec or its
+    ``init:`` checkpoint, which must load) and a run already in the storage
+    root must have been started by the same job, all before anything is
+    written; then the storage root must be writable and the data must
+    ingest."""
+    check_growth(job)
+    check_resume(job)
     root = storage.resolve(job.storage)
     storage.check_writable(root)
-    if job.stages[0].init:
-        check_init(job.stages[0].init)
     shards = shards_location(job, root)
     manifest = ingest(job.data.root, shards, base_size=job.data.base_size)
     log.info("data: %s", summary(manifest))
@@ -61,9 +70,33 @@ def prepare(job: JobConfig) -> tuple[storage.Location, dict]:
     return root, manifest
 
 
-def check_init(checkpoint: str) -> None:
+def check_growth(job: JobConfig) -> None:
+    """Build every stage on paper (see ``variants.stage_children``) from the
+    first stage's model: a spec name or file that must exist, or the spec of
+    its ``init:`` checkpoint. Errors name the setting, and the job file when
+    the file holds the mistake (not only a --set override)."""
+    try:
+        _grow_on_paper(job)
+    except RunnerError as err:
+        raise blame_file(job, err, _grow_on_paper) from err
+
+
+def _grow_on_paper(job: JobConfig) -> None:
+    first = job.stages[0]
+    if first.init:
+        spec = check_init(first.init)
+    else:
+        try:
+            spec = get_spec(first.model)
+        except RunnerError as err:
+            raise RunnerError(f"stages[0] ({first.name}).model: {err}") from err
+    stage_children(job.stages, spec, job.seed)
+
+
+def check_init(checkpoint: str):
     """The first stage's ``init:`` checkpoint must exist, verify and fit its
-    own spec; found out here, not in a trial after the cluster is up."""
+    own spec; found out here, not in a trial after the cluster is up.
+    Returns its spec."""
     from runner.evaluate import load_model
 
     try:
@@ -73,6 +106,7 @@ def check_init(checkpoint: str) -> None:
         load_model(spec, state, checkpoint)
     except (RunnerError, OSError) as err:
         raise RunnerError(f"stages[0].init {checkpoint}: {err}") from None
+    return spec
 
 
 def grow(job: JobConfig) -> dict:
@@ -187,17 +221,117 @@ def _run_baseline(job, lineage, manifest, plan, root, run_stage, progress) -> No
 def _load_or_start(job: JobConfig, root: storage.Location, manifest: dict) -> dict:
     path = root.join(LINEAGE)
     lineage = _read_lineage(path) if storage.exists(path) else None
+    _check_resumable(job, root, lineage)
     if lineage is not None:
-        if [s["name"] for s in lineage["stages"]] != \
-                [s.name for s in job.stages][:len(lineage["stages"])]:
-            raise RunnerError(
-                f"{path.uri} holds a run with other stages; use another storage "
-                "root or remove that run")
         return lineage
     data = {k: manifest[k] for k in ("counts", "classes", "base_size", "location")}
     data["skipped"] = len(manifest.get("skipped", []))
     return {"run": job.name, "storage": root.uri, "job": job.to_dict(),
             "data": data, "stages": [], "finished": False}
+
+
+def check_resume(job: JobConfig) -> None:
+    """Refuse to resume the run under ``job.storage`` with another job.
+
+    Rerunning a command resumes its run (finished stages are skipped, the
+    stage cut short is restored by Tune), which is only right for the job the
+    run started with. So a job whose resolved settings differ from the run's
+    ``job.yaml`` (or, without one, the job its lineage keeps) is refused,
+    naming the run folder and each differing setting as a dotted path
+    (``stages.0.epochs: 4 -> 5``). Only the settings in RESUME_MAY_CHANGE may
+    differ: ``storage`` (the run root itself, however it is spelled) and
+    ``ray.address`` (which cluster does the work); neither changes a result.
+    ``ray.num_cpus`` must match: it sets the CPU split and the threads per
+    worker, and so the numbers. Only reads: ``runner grow`` calls it before
+    anything is ingested, written or started.
+    """
+    root = storage.resolve(job.storage)
+    _check_resumable(job, root, _peek_lineage(root.join(LINEAGE)))
+
+
+def _peek_lineage(path: storage.Location) -> dict | None:
+    """The lineage at ``path`` if it reads as one; a damaged one is left for
+    :func:`_read_lineage` to move aside when the run starts."""
+    if not storage.exists(path):
+        return None
+    try:
+        lineage = storage.read_json(path)
+    except RunnerError:
+        return None
+    ok = isinstance(lineage, dict) and isinstance(lineage.get("stages"), list)
+    return lineage if ok else None
+
+
+def _check_resumable(job: JobConfig, root: storage.Location,
+                     lineage: dict | None) -> None:
+    """check_resume's two checks: the stages done, then every setting."""
+    if lineage is not None and [s["name"] for s in lineage["stages"]] != \
+            [s.name for s in job.stages][:len(lineage["stages"])]:
+        raise RunnerError(
+            f"{root.join(LINEAGE).uri} holds a run with other stages; use another "
+            "storage root or remove that run")
+    stored = _stored_job(root, lineage)
+    changes = job_changes(stored, job.to_dict()) if stored is not None else []
+    if changes:
+        more = len(changes) - SHOWN_CHANGES
+        shown = ", ".join(changes[:SHOWN_CHANGES]) + \
+            (f" and {more} more" if more > 0 else "")
+        raise RunnerError(
+            f"{root.uri} holds a run started with other settings ({shown}); a "
+            "rerun resumes a run only with the job it started with: give this "
+            "job a new storage root (--set storage=NEW_FOLDER) or remove that run")
+
+
+def _stored_job(root: storage.Location, lineage: dict | None) -> dict | None:
+    """The job the run under ``root`` ran: its ``job.yaml``, else the job its
+    lineage keeps; None when there is no run."""
+    path = root.join(JOB_FILE)
+    if not storage.exists(path):
+        job = (lineage or {}).get("job")
+        return job if isinstance(job, dict) else None
+    try:
+        stored = yaml.safe_load(storage.read_bytes(path))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        stored = err
+    if not isinstance(stored, dict):
+        raise RunnerError(
+            f"{path.uri} is not a job (it should say which job the run there "
+            "ran); restore it, or give this job a new storage root "
+            "(--set storage=NEW_FOLDER)")
+    return stored
+
+
+def job_changes(before: dict, after: dict) -> list[str]:
+    """``path: old -> new`` for every setting of two job dicts (as
+    ``JobConfig.to_dict`` gives) that differs, but those in RESUME_MAY_CHANGE;
+    list items by index (``stages.1.variants.0.op``), an item or key one side
+    lacks shown whole against ``(not set)``."""
+    found: list[tuple[str, object, object]] = []
+    _diff(before, after, "", found)
+    return [f"{path}: {_shown(old)} -> {_shown(new)}" for path, old, new in found
+            if path not in RESUME_MAY_CHANGE]
+
+
+def _diff(old, new, path: str, found: list) -> None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        pairs = {k: (old.get(k, _NOT_SET), new.get(k, _NOT_SET))
+                 for k in dict.fromkeys([*old, *new])}
+    elif isinstance(old, list) and isinstance(new, list):
+        pairs = {i: (old[i] if i < len(old) else _NOT_SET,
+                     new[i] if i < len(new) else _NOT_SET)
+                 for i in range(max(len(old), len(new)))}
+    else:
+        if old is _NOT_SET or new is _NOT_SET or old != new:
+            found.append((path, old, new))
+        return
+    for key, (a, b) in pairs.items():
+        _diff(a, b, f"{path}.{key}" if path else str(key), found)
+
+
+def _shown(value) -> str:
+    if value is _NOT_SET:
+        return "(not set)"
+    return value if isinstance(value, str) else json.dumps(value, default=str)
 
 
 def _read_lineage(path: storage.Location) -> dict | None:

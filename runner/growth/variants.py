@@ -1,11 +1,17 @@
 """Pure decisions of the growth loop: what a stage tries and who wins.
 
 Kept free of Ray so they can be tested with made-up trial results.
+:func:`stage_children` builds every stage's variants on paper (the real growth
+ops on zero weights, no training), so a variant that cannot build is found
+before a run starts; torch is imported only there.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from runner.config import StageConfig
+from runner.errors import RunnerError
 
 
 def variant_label(variant: dict) -> str:
@@ -36,6 +42,60 @@ def stage_variants(stage: StageConfig, index: int) -> list[dict]:
     if index == 0:
         return [{"op": "scratch", "model": stage.model}]
     return [dict(v) for v in stage.variants]
+
+
+def op_params(variant: dict, seed: int) -> dict:
+    """A growth variant's parameters for ``runner.model.growth.apply_op``:
+    ``to`` becomes the target spec, ``freeze_epochs`` (a training setting) is
+    left out, and the job's seed drives fresh tensors and noise unless the
+    variant gives ``rng``."""
+    from runner.model import get_spec
+
+    params = {k: v for k, v in variant.items() if k not in ("op", "freeze_epochs")}
+    if "to" in params:
+        params["target_spec"] = get_spec(params.pop("to"))
+    params.setdefault("rng", seed)
+    return params
+
+
+def stage_children(stages: list[StageConfig], first, seed: int) -> list[list]:
+    """The architectures (ModelSpecs) each stage may hand on: ``[first]`` for
+    the first stage, then every variant of every growth stage applied to every
+    architecture the stage before may hand on (its winner is not known yet).
+    The real growth ops run on zero weights; nothing trains. Architectures
+    that differ only by name count once.
+
+    ``first`` is a spec or a spec name. A variant that does not build raises
+    RunnerError naming it (``stages[i] (name).variants[j]``) and its parent.
+    """
+    from runner.model import ModelSpec, get_spec
+
+    parents = [first if isinstance(first, ModelSpec) else get_spec(first)]
+    found = [parents]
+    for index, stage in enumerate(stages[1:], 1):
+        children = {}
+        for j, variant in enumerate(stage.variants):
+            where = f"stages[{index}] ({stage.name}).variants[{j}] ({variant['op']})"
+            for parent in parents:
+                child = _build_on_paper(variant, parent, seed, where)
+                children.setdefault(replace(child, name="-"), child)
+        parents = list(children.values())
+        found.append(parents)
+    return found
+
+
+def _build_on_paper(variant: dict, parent, seed: int, where: str):
+    """The child spec ``variant`` grows from ``parent``, as a trial would."""
+    import torch
+
+    from runner.model import apply_op, state_shapes
+
+    zeros = {name: torch.zeros(shape) for name, shape in state_shapes(parent).items()}
+    try:
+        child, _, _ = apply_op(parent, zeros, variant["op"], **op_params(variant, seed))
+    except RunnerError as err:
+        raise RunnerError(f"{where} does not build from {parent.name}: {err}") from err
+    return child
 
 
 def stage_trials(stage: StageConfig, index: int, default_lr: float) -> int:

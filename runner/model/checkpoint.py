@@ -22,6 +22,7 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 FILES = ("model.pt", "spec.json", "meta.json")
 # DistributedDataParallel wraps as `module.`, torch.compile as `_orig_mod.`
 PREFIXES = ("module.", "_orig_mod.")
+PICKLE_PROTOCOL_WARNING = r"Detected pickle protocol \d+ in the checkpoint"
 
 
 def _sha256(path: Path) -> str:
@@ -100,7 +102,12 @@ def _read_json(path: Path) -> dict:
 def _load_tensors(path: Path) -> dict:
     """weights_only unpickling; anything that is not a dict of tensors is refused."""
     try:
-        data = torch.load(path, weights_only=True, map_location="cpu")
+        with warnings.catch_warnings():
+            # torch warns that a file pickled with a protocol other than 2
+            # "might not" load with weights_only; the load stays safe and a
+            # file it cannot read is refused by name, so that is only noise.
+            warnings.filterwarnings("ignore", PICKLE_PROTOCOL_WARNING, UserWarning)
+            data = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as err:  # unpickling raises many types; all mean "unsafe"
         raise RunnerError(_refusal(path, err)) from err
     if not isinstance(data, dict) or not all(
