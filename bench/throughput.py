@@ -10,7 +10,10 @@ Parts (``--only``, comma separated; all by default):
 
   ingest   ``runner.data.ingest.ingest`` into a temp folder, force=True
   augment  random_affines + resample on pre-decoded pixels, one torch thread
-  step     one training step on synthetic data, all cores: the machine's limit
+  step     one training step on synthetic data, all cores, two ways: one
+           process with a torch thread per core, and one single-threaded
+           data-parallel process per core (gloo on loopback, the job's
+           default); the faster is the machine's limit
   plain    a single-process loop: pixels decoded once, inline augmentation,
            the same step, one pass over the train split (val excluded)
   ray      ``runner.growth.loop.grow`` on a private local Ray (loopback, all
@@ -215,7 +218,8 @@ def train_step(model, optimizer, images, labels) -> float:
 
 
 def step_seconds(name: str, args) -> float:
-    """Seconds per training step on one synthetic batch, after warm-up."""
+    """Seconds per training step on one synthetic batch, after warm-up, in
+    this process with one torch thread per core."""
     import torch
 
     model, optimizer = make_trainer(name, os.cpu_count())
@@ -230,14 +234,64 @@ def step_seconds(name: str, args) -> float:
     return (time.perf_counter() - t0) / args.steps
 
 
-def bench_step(args, res: Results) -> None:
+def _ddp_step_worker(rank: int, world: int, port: int, name: str, args,
+                     out: str) -> None:
+    """One single-threaded data-parallel worker, as the job's default plan
+    runs them: its part of the global batch, then the gradient all-reduce."""
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    set_mmap_threshold()
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model, _ = make_trainer(name, 1)
+    model = DistributedDataParallel(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    batch, size = args.batch // world, args.image_size
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+    labels = (torch.rand(batch) < 0.5).float()
+    for _ in range(args.warmup):
+        train_step(model, optimizer, images, labels)
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        train_step(model, optimizer, images, labels)
+    seconds = (time.perf_counter() - t0) / args.steps
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(seconds, f)
+    dist.destroy_process_group()
+
+
+def ddp_step_seconds(name: str, args, tmp: str) -> float:
+    """Seconds per global-batch step of one single-threaded worker per core."""
+    import torch.multiprocessing as mp
+
+    world = os.cpu_count() or 1
+    out = os.path.join(tmp, f"ddp-step-{name}.json")
+    mp.spawn(_ddp_step_worker, args=(world, free_port(), name, args, out),
+             nprocs=world)
+    with open(out) as f:
+        return json.load(f)
+
+
+def bench_step(args, tmp: str, res: Results) -> None:
+    """The step alone two ways: one process with a torch thread per core, and
+    one single-threaded data-parallel process per core (the job's default).
+    The faster is the machine's limit for the model."""
+    cores = os.cpu_count() or 1
     for name in args.models:
-        seconds = step_seconds(name, args)
-        res.step_s[name] = seconds
-        res.add(Row("step", name, args.batch * args.steps, seconds * args.steps,
-                    f"synthetic, batch {args.batch}, {os.cpu_count()} threads, "
-                    f"{seconds * 1e3:.0f} ms/step"))
-        res.step_rate[name] = res.rows[-1].rate
+        layouts = {f"1 process x {cores} threads": step_seconds(name, args)}
+        if cores > 1:
+            layouts[f"{cores} processes x 1 thread"] = ddp_step_seconds(name, args, tmp)
+        for layout, seconds in layouts.items():
+            res.add(Row("step", name, args.batch * args.steps, seconds * args.steps,
+                        f"synthetic, batch {args.batch}, {layout}, "
+                        f"{seconds * 1e3:.0f} ms/step"))
+        res.step_s[name] = min(layouts.values())
+        res.step_rate[name] = args.batch / res.step_s[name]
 
 
 def bench_plain(manifest: dict, args, res: Results) -> None:
@@ -634,7 +688,7 @@ def main(argv=None) -> None:
                      else os.path.abspath(args.data))
         manifest = shards(args, data_root, tmp, parts, res)
         steps = {"augment": lambda: bench_augment(manifest, args, res),
-                 "step": lambda: bench_step(args, res),
+                 "step": lambda: bench_step(args, tmp, res),
                  "plain": lambda: bench_plain(manifest, args, res),
                  "ray": lambda: bench_ray(args, data_root, manifest, tmp, res),
                  "scale": lambda: bench_scale(args, tmp, res)}

@@ -82,9 +82,9 @@ class AugmentConfig:
 
 @dataclass
 class TrainConfig:
-    workers: int | None = None     # Ray Train workers per trial; None = one per node
+    workers: int | None = None     # Ray Train workers per trial; None = one per core
     cpus_per_worker: float | None = None  # None = auto (see runner.resources)
-    batch_size: int = 64           # per worker
+    batch_size: int = 128          # global: split evenly over the workers
     lr: float = 1e-3               # Adam learning rate
     # "constant", or "cosine": each trial anneals lr epoch by epoch from `lr`
     # down to LR_FLOOR x lr at its last epoch

@@ -456,6 +456,7 @@ def check_plan(ctx: Context) -> list[Check]:
         return [(FAIL, f"CPU plan ({ctx.cpus_source}): {err}")]
     plan_text = (f"CPU plan: {_n(p.workers, 'training worker')} x "
                  f"{p.cpus_per_worker:g} CPUs x {_n(p.threads_per_worker, 'thread')} "
+                 f"(batch {p.batch_size} = {p.workers} x {p.batch_per_worker}) "
                  f"+ {p.aug_cpus:g} CPUs of augmentation ({_n(p.aug_tasks, 'task')} at a time)"
                  f" = {p.trial_cpus:g} of {ctx.cpus:g} CPUs ({ctx.cpus_source})")
     omp = worker_env(p.threads_per_worker)["OMP_NUM_THREADS"]

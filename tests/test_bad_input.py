@@ -6,6 +6,7 @@ import ray
 from runner.cli import main
 from runner.config import load_job
 from runner.errors import RunnerError
+from runner.data.pipeline import READ_CPUS
 from runner.resources import plan
 
 
@@ -58,13 +59,36 @@ def test_more_cpus_than_the_cluster_has_is_refused_with_numbers():
         plan(job, cluster_cpus=2)
 
 
-def test_default_split_is_one_threaded_worker_per_node_beside_augmentation():
+def test_default_split_is_one_single_threaded_worker_per_core():
     job = load_job("jobs/cats_dogs.yaml")
     p = plan(job, cluster_cpus=2)
-    assert (p.workers, p.cpus_per_worker, p.threads_per_worker, p.aug_cpus) == \
-        (1, 1.5, 2, 0.5)
+    assert (p.workers, p.cpus_per_worker, p.threads_per_worker, p.aug_cpus,
+            p.aug_tasks, p.task_cpus) == (2, 0.75, 1, 0.5, 1, 0.4)
+    assert (p.batch_per_worker, p.batch_size) == (64, 128)  # the job's batch
     p = plan(job, cluster_cpus=16, nodes=4)
-    assert (p.workers, p.threads_per_worker) == (4, 4) and p.trial_cpus <= 16
+    assert (p.workers, p.threads_per_worker, p.batch_per_worker) == (16, 1, 8)
+    assert p.trial_cpus <= 16
+
+
+def test_augmentation_tasks_fit_beside_the_workers_on_a_node():
+    # 4 workers of 3.6 CPUs leave 0.4 CPUs on each 4-CPU node: a task of 0.5
+    # would never be placed and the trainers would wait forever.
+    job = load_job("jobs/cats_dogs.yaml", ["train.workers=4"])
+    p = plan(job, cluster_cpus=16, nodes=4)
+    node_spare = 4 - p.cpus_per_worker
+    assert p.task_cpus + READ_CPUS <= node_spare + 1e-9 and p.aug_tasks >= 1
+    tight = load_job("jobs/cats_dogs.yaml", ["train.workers=2", "augment.cpus=0.2",
+                                             "train.cpus_per_worker=1.9"])
+    with pytest.raises(RunnerError, match=r"leave 0.1 CPUs free on a node"):
+        plan(tight, cluster_cpus=4, nodes=2)
+    with pytest.raises(RunnerError, match=r"augment.cpus 0.1 is too little"):
+        plan(load_job("jobs/cats_dogs.yaml", ["augment.cpus=0.1"]), cluster_cpus=2)
+
+
+def test_cpus_per_worker_alone_sets_how_many_workers_fit():
+    job = load_job("jobs/cats_dogs.yaml", ["train.cpus_per_worker=1.5"])
+    p = plan(job, cluster_cpus=8, nodes=2)
+    assert (p.workers, p.threads_per_worker) == (4, 2)  # 3.6 CPUs a node
 
 
 def test_a_worker_larger_than_a_node_is_refused_with_numbers():

@@ -122,9 +122,10 @@ def grow(job: JobConfig) -> dict:
     storage.write_bytes(root.join("job.yaml"),
                         yaml.safe_dump(job.to_dict(), sort_keys=False).encode())
     plan = resources.plan(job, cluster.connect(job), cluster.cpu_nodes())
-    log.info("each trial: %d training workers x %g CPUs (%d threads), "
-             "%g CPUs of augmentation", plan.workers, plan.cpus_per_worker,
-             plan.threads_per_worker, plan.aug_cpus)
+    log.info("each trial: %d training workers x %g CPUs (%d threads), batches of "
+             "%d x %d, %g CPUs of augmentation", plan.workers, plan.cpus_per_worker,
+             plan.threads_per_worker, plan.workers, plan.batch_per_worker,
+             plan.aug_cpus)
     progress = Progress(root, job.name, _planned(job), ray_logs=cluster.logs_dir())
     log.info("run folder %s (live state in %s; Ray's own logs in %s)", root.uri,
              root.join(LIVE).uri, cluster.logs_dir() or "the cluster's log folder")

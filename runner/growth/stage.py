@@ -32,7 +32,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from runner import storage
 from runner.config import AugmentConfig, JobConfig, StageConfig
-from runner.data.pipeline import READ_CPUS, build_dataset, count_rows, eval_view
+from runner.data.pipeline import build_dataset, count_rows, eval_view
 from runner.evaluate import load_split
 from runner.growth.variants import (StageBudget, best_epoch, stage_variants,
                                     trial_name)
@@ -154,7 +154,7 @@ def _datasets(context: dict) -> dict:
     train = build_dataset(
         shards, fs, "train", augment=AugmentConfig(**job["augment"]),
         val_fraction=data["val_fraction"], base_size=data["base_size"],
-        image_size=data["image_size"], task_cpus=_task_cpus(plan),
+        image_size=data["image_size"], task_cpus=plan["task_cpus"],
         max_tasks=plan["aug_tasks"], seed=job["seed"],
         passes=context["epochs"] * job["augment"]["views_per_epoch"])
     return {"train": train}
@@ -169,7 +169,7 @@ def _loop_config(config, context, name, spec, frozen, init) -> dict:
         "epochs": context["epochs"], "budget": context["budget"],
         "lr": config["lr"], "lr_schedule": job["train"]["lr_schedule"],
         "weight_decay": job["train"]["weight_decay"],
-        "batch_size": job["train"]["batch_size"],
+        "batch_size": plan["batch_per_worker"],
         "views_per_epoch": job["augment"]["views_per_epoch"],
         "threads": plan["threads_per_worker"],
         "val": {"manifest": context["manifest"], "val_fraction": data["val_fraction"],
@@ -208,10 +208,6 @@ def _trainer(loop_config: dict, datasets: dict, context: dict, name: str,
             # INFO lines stay in the run's Ray log files.
             logging_config=LoggingConfig(log_level="WARNING")),
     )
-
-
-def _task_cpus(plan: dict) -> float:
-    return (plan["aug_cpus"] - READ_CPUS) / plan["aug_tasks"]
 
 
 def _shard_paths(context: dict, split: str):
