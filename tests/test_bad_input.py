@@ -5,8 +5,8 @@ import ray
 
 from runner.cli import main
 from runner.config import load_job
-from runner.errors import RunnerError
 from runner.data.pipeline import READ_CPUS
+from runner.errors import RunnerError
 from runner.resources import plan
 
 
