@@ -34,7 +34,6 @@ import math
 from dataclasses import dataclass
 
 from runner.config import JobConfig
-from runner.data.pipeline import READ_CPUS
 from runner.errors import RunnerError
 
 AUG_SHARE = 0.1           # of the cluster's CPUs, when augment.cpus is not set
@@ -75,7 +74,8 @@ def plan(job: JobConfig, cluster_cpus: float, nodes: int = 1) -> Plan:
     need = workers * max(per_worker, MIN_WORKER_CPUS) + aug
     if per_worker < MIN_WORKER_CPUS or need > cluster_cpus + 1e-9:
         raise RunnerError(
-            f"a trial needs {need:g} CPUs ({workers} training workers x "
+            f"a trial needs {need:g} CPUs ({workers} training "
+            f"worker{'s' if workers != 1 else ''} x "
             f"{max(per_worker, MIN_WORKER_CPUS):g} + {aug:g} for augmentation) but "
             f"the Ray cluster has {cluster_cpus:g}: lower train.workers, "
             f"train.cpus_per_worker or augment.cpus, or add nodes")
@@ -85,7 +85,7 @@ def plan(job: JobConfig, cluster_cpus: float, nodes: int = 1) -> Plan:
             f"a training worker needs {per_worker:g} CPUs but a node has "
             f"{node_cpus:g}: raise train.workers or lower train.cpus_per_worker")
     task_cpus = _task_cpus(node_cpus - (workers // nodes) * per_worker, aug)
-    tasks = max(1, int((aug - READ_CPUS) / task_cpus + 1e-9))
+    tasks = max(1, int(aug / task_cpus + 1e-9))
     threads = max(1, math.floor(per_worker + 0.5))
     batch = max(1, round(job.train.batch_size / workers))
     return Plan(workers, per_worker, threads, batch, aug, tasks, task_cpus)
@@ -105,17 +105,16 @@ def _default_workers(node_train_cpus: float, cpus_per_worker: float | None,
 def _task_cpus(node_spare: float, aug: float) -> float:
     """One augmentation task's reservation: AUG_TASK_CPUS, or less where the
     augmentation share, or what the workers leave free on the least loaded
-    node, is smaller (a read task needs READ_CPUS beside it)."""
-    need = READ_CPUS + MIN_TASK_CPUS
-    if aug < need - 1e-9:
-        raise RunnerError(f"augment.cpus {aug:g} is too little: reading and "
-                          f"augmenting need at least {need:g} CPUs")
-    if node_spare < need - 1e-9:
+    node, is smaller."""
+    if aug < MIN_TASK_CPUS - 1e-9:
+        raise RunnerError(f"augment.cpus {aug:g} is too little: augmentation "
+                          f"needs at least {MIN_TASK_CPUS:g} CPUs")
+    if node_spare < MIN_TASK_CPUS - 1e-9:
         raise RunnerError(
             f"the training workers leave {max(node_spare, 0):g} CPUs free on a "
-            f"node, too little for augmentation (at least {need:g}): lower "
-            f"train.cpus_per_worker or train.workers")
-    return _floor2(min(AUG_TASK_CPUS, aug - READ_CPUS, node_spare - READ_CPUS))
+            f"node, too little for augmentation (at least {MIN_TASK_CPUS:g}): "
+            "lower train.cpus_per_worker or train.workers")
+    return _floor2(min(AUG_TASK_CPUS, aug, node_spare))
 
 
 def _floor2(x: float) -> float:

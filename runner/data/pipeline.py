@@ -33,9 +33,6 @@ from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 from runner.config import AugmentConfig
 
-READ_CPUS = 0.1  # per Parquet read task: they only copy column chunks
-
-
 def split_mask(fold: pa.Array, split: str, val_fraction: float) -> pa.Array:
     """Rows of training_set that belong to ``split`` ("train" or "val").
 
@@ -136,6 +133,9 @@ class ViewBatch:
                                             self.val_fraction))
         pixels = decode_pixels(table["image"].combine_chunks(), self.base_size)
         n = len(pixels)
+        if n == 0:  # no row of this split in the slice
+            return {"image": np.empty((0, 3, self.image_size, self.image_size), np.uint8),
+                    "label": np.empty(0, np.float32)}
         theta = (random_affines(n, self.augment, self._rng(table)) if self.augment
                  else identity_affines(n))
         return {"image": resample(pixels, theta, self.image_size),
@@ -152,8 +152,7 @@ def eval_view(pixels: np.ndarray, image_size: int) -> torch.Tensor:
 def build_dataset(shard_paths: list[str], filesystem, split: str, *,
                   val_fraction: float, base_size: int, image_size: int,
                   augment: AugmentConfig | None, batch_size: int = 256,
-                  task_cpus: float = 0.5, max_tasks: int = 1,
-                  read_cpus: float = READ_CPUS, passes: int = 1,
+                  task_cpus: float = 0.5, max_tasks: int = 1, passes: int = 1,
                   seed: int | None = None):
     """A lazy Ray Dataset of {"image": uint8 (3,S,S), "label": float} rows.
 
@@ -162,34 +161,45 @@ def build_dataset(shard_paths: list[str], filesystem, split: str, *,
     many passes over the shards into one stream, in order: a trainer reads a
     whole trial's epochs from it without the stall of starting a new stream
     at each epoch, and the stream works ahead while the trainer validates.
+
+    The stream is a single operator: one input row per (pass, shard), and a
+    task that reads its shard once and yields its views ``batch_size`` images
+    at a time. So the tasks run in the order the trainers need them: passes
+    chained as separate read + map branches (a union) ran side by side and
+    split the augmentation CPUs between the epoch being trained and the ones
+    after it, which left the trainers waiting in every epoch but the last.
     """
     import ray.data
 
-    # The file-listing step of Ray Data's newer Parquet reader always asks for
-    # a whole CPU, which a small cluster whose CPUs the trainers hold can never
-    # grant (the stream would wait forever); the classic reader lets us size
-    # the read tasks, which only copy column chunks.
     ctx = ray.data.DataContext.get_current()
-    ctx.use_datasource_v2 = False
     # In order, so a seeded run sees the same images in the same order.
     ctx.execution_options.preserve_order = True
     if PacedScheduling not in ctx.custom_execution_callback_classes:
         ctx.custom_execution_callback_classes.append(PacedScheduling)
+    work = [{"pass_index": index, "shard": path}
+            for index in range(passes) for path in shard_paths]
+    return ray.data.from_items(work, override_num_blocks=len(work)).map_batches(
+        shard_views, batch_size=1, batch_format="pyarrow", num_cpus=task_cpus,
+        fn_kwargs=dict(filesystem=filesystem, batch_size=batch_size, split=split,
+                       val_fraction=val_fraction, base_size=base_size,
+                       image_size=image_size, augment=augment, seed=seed),
+        compute=ray.data.TaskPoolStrategy(size=max_tasks))
 
-    def one_pass(index: int):
-        ds = ray.data.read_parquet(shard_paths, filesystem=filesystem,
-                                   columns=["image", "label", "fold", "path"],
-                                   num_cpus=read_cpus)
-        return ds.map_batches(
-            view_batch, batch_format="pyarrow", batch_size=batch_size,
-            num_cpus=task_cpus,
-            fn_kwargs=dict(split=split, val_fraction=val_fraction,
-                           base_size=base_size, image_size=image_size,
-                           augment=augment, seed=seed, pass_index=index),
-            compute=ray.data.TaskPoolStrategy(size=max_tasks))
 
-    first, *rest = [one_pass(i) for i in range(passes)]
-    return first.union(*rest) if rest else first
+def shard_views(work: pa.Table, *, filesystem, batch_size: int, **settings):
+    """``map_batches`` task for one (pass, shard) row: read the shard's columns
+    once, then yield one :class:`ViewBatch` result per ``batch_size`` rows.
+    Tasks run in Ray's pooled worker processes, which stay alive between
+    tasks and trials (see ``runner.cluster.keep_idle_workers``), so the
+    stream starts without waiting for processes to start and import torch."""
+    import pyarrow.parquet as pq
+
+    (index,), (shard,) = work["pass_index"].to_pylist(), work["shard"].to_pylist()
+    table = pq.read_table(shard, filesystem=filesystem,
+                          columns=["image", "label", "fold", "path"])
+    views = ViewBatch(**settings, pass_index=index)
+    for start in range(0, table.num_rows, batch_size):
+        yield views(table.slice(start, batch_size))
 
 
 class PacedScheduling(ExecutionCallback):
@@ -214,11 +224,3 @@ class PacedScheduling(ExecutionCallback):
         if spare > 0:
             time.sleep(spare)
         self._last = time.perf_counter()
-
-
-def view_batch(table: pa.Table, **settings) -> dict:
-    """``map_batches`` task: one :class:`ViewBatch` call. Tasks run in Ray's
-    pooled worker processes, which stay alive between tasks and epochs (see
-    ``runner.cluster.keep_idle_workers``), so an epoch's stream starts without
-    waiting for an actor pool to come up and import torch again."""
-    return ViewBatch(**settings)(table)
