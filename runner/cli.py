@@ -387,7 +387,8 @@ def cmd_predict(args) -> int:
     for path in args.images:
         images = _files_in(path) if os.path.isdir(path) else [path]
         if not images:
-            print(f"runner: skipped {path}: a folder with no files in it",
+            print(f"runner: skipped {path}: no files directly in this folder "
+                  "(sub-folders are not read)",
                   file=sys.stderr)
             failed += 1
         for image in images:

@@ -30,6 +30,7 @@ from runner.errors import RunnerError
 
 BUDGET_UNITS = ("flops", "cpu_s", "wall_s")
 LR_SCHEDULES = ("constant", "cosine")
+MAX_SEED = 2**63 - 1
 GROWTH_OPS = ("widen_conv", "widen_dense", "deepen_conv", "deepen_block",
               "plain_copy", "fresh", "combine")
 COMBINED_OPS = GROWTH_OPS[:4]  # what a `combine` variant's steps may be
@@ -245,6 +246,9 @@ class JobConfig:
         self.train.validate()
         self.ray.validate()
         _whole("seed", self.seed, low=0)
+        if self.seed > MAX_SEED:  # torch's generators take a signed 64-bit seed
+            raise RunnerError(f"seed must be at most {MAX_SEED} (2**63 - 1), "
+                              f"got {self.seed}")
         _bool("baseline", self.baseline)
         if not self.stages:
             raise RunnerError("the job has no `stages:`")

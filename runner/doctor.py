@@ -42,6 +42,7 @@ from runner.errors import RunnerError
 
 if TYPE_CHECKING:
     from runner.config import JobConfig
+    from runner.model import ModelSpec
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 PINNED = ("torch", "torchvision", "ray")
@@ -74,6 +75,7 @@ class Context:
     cpus: float | None = None            # what the CPU plan is sized for
     cpu_nodes: int = 1
     cpus_source: str = ""
+    init_spec: ModelSpec | None = None   # once an init: checkpoint loaded
 
 
 # --- environment ------------------------------------------------------------------
@@ -432,8 +434,31 @@ def check_init(ctx: Context) -> list[Check]:
         except RunnerError as err:
             text = str(err).replace(local, loc.uri)
             return [(FAIL, f"init checkpoint {init}: {text}; {fix}")]
+    ctx.init_spec = spec
     return [(OK, (f"init checkpoint {loc.uri}: {spec.name}, "
                   f"{num_params(spec):,} parameters, loads"))]
+
+
+def check_growth(ctx: Context) -> list[Check]:
+    """Every variant of every stage builds from what the stage before may
+    hand on, on paper (the growth ops on zero weights, as ``runner grow``
+    checks before it starts). Skipped when an ``init:`` checkpoint did not
+    load: its line above says why."""
+    from runner.growth.loop import check_growth as grow_on_paper
+    from runner.growth.variants import stage_children
+    job = ctx.job
+    if job is None or not job.stages or (job.stages[0].init and ctx.init_spec is None):
+        return []
+    try:
+        if ctx.init_spec is not None:
+            stage_children(job.stages, ctx.init_spec, job.seed)
+        else:
+            grow_on_paper(job)
+    except RunnerError as err:
+        return [(FAIL, f"{err}; fix it in {ctx.job_path}")]
+    variants = sum(len(s.variants) for s in job.stages[1:])
+    return [(OK, f"growth: all {variants} variants of {len(job.stages) - 1} "
+                 "growth stages build, checked on paper")]
 
 
 # --- CPUs and memory --------------------------------------------------------------
@@ -510,7 +535,8 @@ def _default_store() -> int | None:
 # --- the runner -------------------------------------------------------------------
 
 CHECKS = (check_versions, check_threads, check_job, check_ray, check_dashboard,
-          check_storage, check_data, check_init, check_plan, check_shm)
+          check_storage, check_data, check_init, check_growth, check_plan,
+          check_shm)
 
 
 def run(job_path: str | None = None, overrides: list[str] = (),

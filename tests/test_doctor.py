@@ -197,6 +197,22 @@ def test_a_first_stage_init_checkpoint_is_checked(data, tmp_path):
     assert status == "FAIL" and "corrupt or truncated" in text
 
 
+def test_every_variant_is_grown_on_paper(data, tmp_path):
+    from runner.doctor import check_growth
+    [(status, text)] = checked(check_growth, JOB)
+    assert (status, text) == ("ok", "growth: all 7 variants of 2 growth stages "
+                                    "build, checked on paper")
+    bad = "stages.2.variants=[{op: widen_conv, block: 5, layer: 0, filters: 64}]"
+    [(status, text)] = checked(check_growth, JOB, bad)
+    assert status == "FAIL" and "stages[2] (widen).variants[0] (widen_conv)" in text
+    assert text.endswith(f"; fix it in {JOB}")
+    # a job starting from a checkpoint that does not load: only check_init fails
+    from runner.doctor import Context, check_init, check_job
+    ctx = Context(job_path=str(init_job(tmp_path, data, tmp_path / "nope")))
+    check_job(ctx)
+    assert check_init(ctx)[0][0] == "FAIL" and check_growth(ctx) == []
+
+
 # --- against a real local Ray (2 CPUs) ----------------------------------------------
 
 

@@ -286,3 +286,15 @@ def test_the_command_line_says_it_in_one_line_before_ray_starts(tmp_path, capsys
     assert line.startswith(f"runner: error: job file {path}: stages[2] (widen)")
     assert not (tmp_path / "run").exists()
     assert not ray.is_initialized()
+
+
+def test_an_image_size_the_first_model_does_not_take_is_refused_before_the_run(
+        tmp_path):
+    refused_before_run(tmp_path, job_file(tmp_path, setting("data.image_size", 32)),
+                       "data.image_size 32 does not fit stages[0] (seed)",
+                       "classifier_1 takes 64x64 images")
+
+
+def test_a_seed_torch_cannot_take_is_refused(tmp_path):
+    refused(job_file(tmp_path, setting("seed", 2**63)), "seed must be at most")
+    load_job(job_file(tmp_path, setting("seed", 2**63 - 1)))

@@ -90,6 +90,11 @@ def _grow_on_paper(job: JobConfig) -> None:
             spec = get_spec(first.model)
         except RunnerError as err:
             raise RunnerError(f"stages[0] ({first.name}).model: {err}") from err
+    if spec.input_size != job.data.image_size:
+        raise RunnerError(
+            f"data.image_size {job.data.image_size} does not fit stages[0] "
+            f"({first.name}): {spec.name} takes {spec.input_size}x{spec.input_size} "
+            "images; set data.image_size to that, or start from a model of that size")
     stage_children(job.stages, spec, job.seed)
 
 
@@ -119,13 +124,15 @@ def grow(job: JobConfig) -> dict:
     # Refuses a storage root that holds another run, before anything of it
     # (its job.yaml included) is touched.
     lineage = _load_or_start(job, root, manifest)
-    storage.write_bytes(root.join("job.yaml"),
-                        yaml.safe_dump(job.to_dict(), sort_keys=False).encode())
     plan = resources.plan(job, cluster.connect(job), cluster.cpu_nodes())
-    log.info("each trial: %d training workers x %g CPUs (%d threads), batches of "
-             "%d x %d, %g CPUs of augmentation", plan.workers, plan.cpus_per_worker,
-             plan.threads_per_worker, plan.workers, plan.batch_per_worker,
-             plan.aug_cpus)
+    # Only a job that will run is recorded as the run's job: one refused for
+    # its CPU plan must not block its corrected rerun (see check_resume).
+    storage.write_bytes(root.join(JOB_FILE),
+                        yaml.safe_dump(job.to_dict(), sort_keys=False).encode())
+    log.info("each trial: training workers x CPUs x threads %d x %g x %d, batches "
+             "of %d x %d, %g CPUs of augmentation", plan.workers,
+             plan.cpus_per_worker, plan.threads_per_worker, plan.workers,
+             plan.batch_per_worker, plan.aug_cpus)
     progress = Progress(root, job.name, _planned(job), ray_logs=cluster.logs_dir())
     log.info("run folder %s (live state in %s; Ray's own logs in %s)", root.uri,
              root.join(LIVE).uri, cluster.logs_dir() or "the cluster's log folder")

@@ -34,7 +34,7 @@ from runner import storage
 from runner.config import AugmentConfig, JobConfig, StageConfig
 from runner.data.pipeline import build_dataset, count_rows, eval_view
 from runner.evaluate import load_split
-from runner.growth.variants import (StageBudget, best_epoch, stage_variants,
+from runner.growth.variants import (StageBudget, best_epoch, op_params, stage_variants,
                                     trial_name)
 from runner.model import ModelSpec, build_model, get_spec
 from runner.model.checkpoint import load_checkpoint, save_checkpoint
@@ -234,11 +234,8 @@ def _prepare_child(variant: dict, context: dict, init: storage.Location):
     with tempfile.TemporaryDirectory() as tmp:
         parent = storage.resolve(context["parent"]["checkpoint"])
         p_spec, p_state, _ = load_checkpoint(storage.download_dir(parent, tmp + "/p"))
-        params = {k: v for k, v in variant.items() if k not in ("op", "freeze_epochs")}
-        if "to" in params:
-            params["target_spec"] = get_spec(params.pop("to"))
-        params.setdefault("rng", seed)  # fresh tensors and symmetry-breaking noise
-        spec, state, report = apply_op(p_spec, p_state, variant["op"], **params)
+        spec, state, report = apply_op(p_spec, p_state, variant["op"],
+                                       **op_params(variant, seed))
         images, labels = _drift_batch(context)
         measure_drift(p_spec, p_state, spec, state, images, labels, report)
         log.info("transfer %s -> %s\n%s", p_spec.name, spec.name, report.format())
