@@ -219,11 +219,21 @@ def _target(path: str):
         if not stages[-1].get("checkpoint"):
             raise RunnerError(f"{loc.uri}/{LINEAGE}: no stage has finished with a "
                               "checkpoint yet, so the run has no winner to use")
-        return stages[-1]["checkpoint"], lineage, loc
+        return _in_run(stages[-1]["checkpoint"], lineage, loc), lineage, loc
     if not _is_checkpoint(loc):
         raise RunnerError(f"{path}: neither a run (no {LINEAGE}) nor a checkpoint "
                           "folder (needs model.pt and spec.json)")
     return loc.uri, _run_lineage(loc), None
+
+
+def _in_run(checkpoint: str, lineage: dict, loc) -> str:
+    """A checkpoint the lineage names, re-rooted at the run folder as given:
+    the lineage names its checkpoints under the root it was written in, which
+    a copied or moved run folder no longer is."""
+    written = str(lineage.get("storage") or "").rstrip("/")
+    if written and checkpoint.startswith(written + "/"):
+        return loc.uri.rstrip("/") + checkpoint[len(written):]
+    return checkpoint
 
 
 def _run_lineage(loc) -> dict | None:

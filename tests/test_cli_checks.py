@@ -282,3 +282,23 @@ def test_no_pickle_protocol_warning_for_a_checkpoint_that_loads_safely(
     assert not [w for w in recwarn if "pickle protocol" in str(w.message)]
     torch.load(folder / "model.pt", weights_only=True)  # torch itself warns,
     assert [w for w in recwarn if "pickle protocol" in str(w.message)]  # seen here
+
+
+def test_a_moved_run_uses_its_own_checkpoints_not_the_original_s(
+        ckpt, tmp_path, capsys):
+    import shutil
+
+    from runner.cli import _target
+    original, moved = tmp_path / "original", tmp_path / "moved"
+    winner = original / "widen" / "train" / "t" / "epoch-003"
+    shutil.copytree(ckpt, winner)
+    (original / "lineage.json").write_text(json.dumps({
+        "run": "cats_dogs", "storage": str(original), "data": {},
+        "stages": [{"name": "widen", "checkpoint": str(winner)}]}))
+    shutil.move(original, moved)
+    checkpoint, _, _ = _target(str(moved))
+    assert checkpoint == str(moved / "widen" / "train" / "t" / "epoch-003")
+    status, _, err = run_cli(capsys, "export", moved, "--format", "torchscript",
+                             "--out", tmp_path / "model.ts")
+    assert status == 0, err
+    assert (tmp_path / "model.ts").stat().st_size > 0
