@@ -120,9 +120,9 @@ def grow(job: JobConfig) -> dict:
     from runner import cluster, resources
     from runner.growth.stage import run_stage
 
+    # prepare refuses a storage root that holds another job's run, before
+    # anything of it (its job.yaml included) is touched.
     root, manifest = prepare(job)
-    # Refuses a storage root that holds another run, before anything of it
-    # (its job.yaml included) is touched.
     lineage = _load_or_start(job, root, manifest)
     plan = resources.plan(job, cluster.connect(job), cluster.cpu_nodes())
     # Only a job that will run is recorded as the run's job: one refused for
@@ -229,7 +229,6 @@ def _run_baseline(job, lineage, manifest, plan, root, run_stage, progress) -> No
 def _load_or_start(job: JobConfig, root: storage.Location, manifest: dict) -> dict:
     path = root.join(LINEAGE)
     lineage = _read_lineage(path) if storage.exists(path) else None
-    _check_resumable(job, root, lineage)
     if lineage is not None:
         return lineage
     data = {k: manifest[k] for k in ("counts", "classes", "base_size", "location")}
@@ -250,29 +249,11 @@ def check_resume(job: JobConfig) -> None:
     differ: ``storage`` (the run root itself, however it is spelled) and
     ``ray.address`` (which cluster does the work); neither changes a result.
     ``ray.num_cpus`` must match: it sets the CPU split and the threads per
-    worker, and so the numbers. Only reads: ``runner grow`` calls it before
+    worker, and so the numbers. Only reads: :func:`prepare` calls it before
     anything is ingested, written or started.
     """
     root = storage.resolve(job.storage)
-    _check_resumable(job, root, _peek_lineage(root.join(LINEAGE)))
-
-
-def _peek_lineage(path: storage.Location) -> dict | None:
-    """The lineage at ``path`` if it reads as one; a damaged one is left for
-    :func:`_read_lineage` to move aside when the run starts."""
-    if not storage.exists(path):
-        return None
-    try:
-        lineage = storage.read_json(path)
-    except RunnerError:
-        return None
-    ok = isinstance(lineage, dict) and isinstance(lineage.get("stages"), list)
-    return lineage if ok else None
-
-
-def _check_resumable(job: JobConfig, root: storage.Location,
-                     lineage: dict | None) -> None:
-    """check_resume's two checks: the stages done, then every setting."""
+    lineage = _peek_lineage(root.join(LINEAGE))
     if lineage is not None and [s["name"] for s in lineage["stages"]] != \
             [s.name for s in job.stages][:len(lineage["stages"])]:
         raise RunnerError(
@@ -288,6 +269,19 @@ def _check_resumable(job: JobConfig, root: storage.Location,
             f"{root.uri} holds a run started with other settings ({shown}); a "
             "rerun resumes a run only with the job it started with: give this "
             "job a new storage root (--set storage=NEW_FOLDER) or remove that run")
+
+
+def _peek_lineage(path: storage.Location) -> dict | None:
+    """The lineage at ``path`` if it reads as one; a damaged one is left for
+    :func:`_read_lineage` to move aside when the run starts."""
+    if not storage.exists(path):
+        return None
+    try:
+        lineage = storage.read_json(path)
+    except RunnerError:
+        return None
+    ok = isinstance(lineage, dict) and isinstance(lineage.get("stages"), list)
+    return lineage if ok else None
 
 
 def _stored_job(root: storage.Location, lineage: dict | None) -> dict | None:
