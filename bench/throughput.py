@@ -203,13 +203,18 @@ def make_trainer(name: str, threads: int):
     return model, torch.optim.Adam(model.parameters(), lr=1e-3)
 
 
-def train_step(model, optimizer, images, labels) -> float:
-    """runner.train.loop's step: uint8 batch in, one Adam update."""
+def train_step(model, optimizer, images, labels, arithmetic: str) -> float:
+    """runner.train.loop's step: uint8 batch in, one Adam update, the forward
+    pass at ``arithmetic`` (resolved train.precision)."""
     import torch
     import torch.nn.functional as F
 
+    from runner.train import precision
+
     x = images.float().div_(255).contiguous(memory_format=torch.channels_last)
-    logits = model(x).squeeze(1)
+    with precision.autocast(arithmetic):
+        logits = model(x).squeeze(1)
+    logits = logits.float()
     loss = F.binary_cross_entropy_with_logits(logits, labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -227,10 +232,10 @@ def step_seconds(name: str, args) -> float:
     images = torch.randint(0, 256, (args.batch, 3, size, size), dtype=torch.uint8)
     labels = (torch.rand(args.batch) < 0.5).float()
     for _ in range(args.warmup):
-        train_step(model, optimizer, images, labels)
+        train_step(model, optimizer, images, labels, args.precision)
     t0 = time.perf_counter()
     for _ in range(args.steps):
-        train_step(model, optimizer, images, labels)
+        train_step(model, optimizer, images, labels, args.precision)
     return (time.perf_counter() - t0) / args.steps
 
 
@@ -253,11 +258,11 @@ def _ddp_step_worker(rank: int, world: int, port: int, name: str, args,
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
     labels = (torch.rand(batch) < 0.5).float()
     for _ in range(args.warmup):
-        train_step(model, optimizer, images, labels)
+        train_step(model, optimizer, images, labels, args.precision)
     dist.barrier()
     t0 = time.perf_counter()
     for _ in range(args.steps):
-        train_step(model, optimizer, images, labels)
+        train_step(model, optimizer, images, labels, args.precision)
     seconds = (time.perf_counter() - t0) / args.steps
     if rank == 0:
         with open(out, "w") as f:
@@ -316,7 +321,7 @@ def bench_plain(manifest: dict, args, res: Results) -> None:
                 views = resample(pixels[idx], random_affines(len(idx), args.augment,
                                                              rng), args.image_size)
                 train_step(model, optimizer, torch.from_numpy(views),
-                           torch.from_numpy(labels[idx]).float())
+                           torch.from_numpy(labels[idx]).float(), args.precision)
                 seen += len(idx)
         res.add(Row("plain", name, seen, time.perf_counter() - t0,
                     f"{args.epochs} epoch(s) of {len(pixels)}; shards read "
@@ -416,6 +421,7 @@ def ray_job(args, model: str, data_root: str, manifest: dict, tmp: str):
     return load_job(args.job, [
         f"storage={os.path.join(tmp, 'ray-' + model)}", f"data.root={data_root}",
         f"data.shards={manifest['location']}", "baseline=false",
+        f"train.precision={args.precision}",
         f"ray.num_cpus={os.cpu_count()}", f"stages={stage}"])
 
 
@@ -542,6 +548,8 @@ def bench_scale(args, tmp: str, res: Results) -> None:
 
 
 def header(args) -> None:
+    from runner.train import precision
+
     load = os.getloadavg()
     print(f"command: {shlex.join(sys.orig_argv)}")
     print(f"cpus: os.cpu_count()={os.cpu_count()}, usable "
@@ -549,7 +557,8 @@ def header(args) -> None:
           f"{load[1]:.2f} {load[2]:.2f} (other work skews every figure)")
     subset = f", a copy of about {args.images} images" if args.images else ""
     print(f"data: {args.data}{subset}; job {args.job}; batch {args.batch}; "
-          f"{args.image_size}px views of {args.base_size}px pixels; glibc mmap "
+          f"{args.image_size}px views of {args.base_size}px pixels; training in "
+          f"{precision.describe(args.precision_setting)}; glibc mmap "
           f"threshold {'fixed as in worker_env' if args.mmap_fixed else 'default'}")
 
 
@@ -657,11 +666,13 @@ def parse_args(argv=None):
                    help="comma list of the models to time (default: both)")
     p.add_argument("--job", default=str(ROOT / "jobs" / "cats_dogs.yaml"))
     p.add_argument("--batch", type=int, default=128, help="step, plain, scale")
-    p.add_argument("--steps", type=int, default=30, help="timed steps per model")
+    p.add_argument("--steps", type=int, default=100, help="timed steps per model")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--aug-images", type=int, default=8000)
     p.add_argument("--aug-batch", type=int, default=256)
     p.add_argument("--repeats", type=int, default=10, help="timed all-reduces")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
+                   help="every training part (default: the job's train.precision)")
     p.add_argument("--keep", action="store_true", help="keep the temp folder")
     args = p.parse_args(argv)
     parts = {s.strip() for s in args.only.split(",") if s.strip()}
@@ -679,7 +690,11 @@ def job_settings(args) -> None:
     """Image sizes, split and augmentation come from the job file."""
     from runner.config import load_job
 
+    from runner.train import precision
+
     job = load_job(args.job)
+    args.precision_setting = args.precision or job.train.precision
+    args.precision = precision.resolve(args.precision_setting)
     args.base_size, args.image_size = job.data.base_size, job.data.image_size
     args.val_fraction, args.augment = job.data.val_fraction, job.augment
 

@@ -30,6 +30,7 @@ from runner.errors import RunnerError
 
 BUDGET_UNITS = ("flops", "cpu_s", "wall_s")
 LR_SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("auto", "bf16", "fp32")  # see runner.train.precision
 MAX_SEED = 2**63 - 1
 GROWTH_OPS = ("widen_conv", "widen_dense", "deepen_conv", "deepen_block",
               "plain_copy", "fresh", "combine")
@@ -91,6 +92,9 @@ class TrainConfig:
     # down to LR_FLOOR x lr at its last epoch
     lr_schedule: str = "constant"
     weight_decay: float = 0.0
+    # a step's arithmetic: "bf16" (autocast), "fp32", or "auto": bf16 where
+    # the worker's CPU has native bfloat16 (AVX512-BF16, AMX), else fp32
+    precision: str = "auto"
 
     def validate(self) -> None:
         if self.workers is not None:
@@ -102,6 +106,9 @@ class TrainConfig:
         if self.lr_schedule not in LR_SCHEDULES:
             raise RunnerError(f"train.lr_schedule must be one of "
                               f"{', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.precision not in PRECISIONS:
+            raise RunnerError(f"train.precision must be one of "
+                              f"{', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.cpus_per_worker is not None:
             _positive("train.cpus_per_worker", self.cpus_per_worker)
 

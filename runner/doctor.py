@@ -497,6 +497,18 @@ def check_plan(ctx: Context) -> list[Check]:
                     "worker reserves whole CPUs"))]
 
 
+def check_precision(ctx: Context) -> list[Check]:
+    """What ``train.precision`` comes to on this machine (each worker decides
+    ``auto`` on its own node's CPU)."""
+    from runner.train import precision
+    if ctx.job is None:
+        return []
+    text = f"training precision here: {precision.describe(ctx.job.train.precision)}"
+    if precision.resolve(ctx.job.train.precision) == "bf16" and not precision.native_bf16()[0]:
+        return [(WARN, f"{text}; set train.precision to auto or fp32 in {ctx.job_path}")]
+    return [(OK, text)]
+
+
 def _n(count: int, word: str) -> str:
     return f"{count} {word}{'' if count == 1 else 's'}"
 
@@ -536,7 +548,7 @@ def _default_store() -> int | None:
 
 CHECKS = (check_versions, check_threads, check_job, check_ray, check_dashboard,
           check_storage, check_data, check_init, check_growth, check_plan,
-          check_shm)
+          check_precision, check_shm)
 
 
 def run(job_path: str | None = None, overrides: list[str] = (),

@@ -277,3 +277,18 @@ def test_joining_without_the_token_fails_saying_how_to_send_it(ray_local, tmp_pa
     assert len(fails) == 1, lines
     assert f"cannot join Ray at {gcs} (--address)" in fails[0]
     assert "set RAY_AUTH_MODE=token" in fails[0]
+
+
+def test_the_training_precision_is_said_and_forced_bf16_without_it_warns(monkeypatch):
+    from runner.doctor import check_precision
+    from runner.train import precision
+    [(status, text)] = checked(check_precision, JOB)
+    assert status == "ok" and text.startswith(
+        f"training precision here: {precision.resolve('auto')} (auto, this CPU has ")
+    monkeypatch.setattr(precision, "native_bf16", lambda: (False, "no AVX512-BF16 or AMX"))
+    [(status, text)] = checked(check_precision, JOB)
+    assert (status, text) == ("ok", "training precision here: fp32 (auto, this CPU "
+                                    "has no AVX512-BF16 or AMX)")
+    [(status, text)] = checked(check_precision, JOB, "train.precision=bf16")
+    assert status == "warn" and "emulated, slower than fp32" in text
+    assert text.endswith(f"set train.precision to auto or fp32 in {JOB}")

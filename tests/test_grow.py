@@ -50,6 +50,10 @@ def test_checkpoints_and_tune_results_live_under_the_run_root(tiny_run):
         assert ckpt.startswith(str(root))
         assert {"model.pt", "spec.json", "meta.json"} <= {p.name for p in
                                                           (root / ckpt).iterdir()}
+    # Each trial's checkpoints say the arithmetic it trained in (auto: this CPU's).
+    from runner.train import precision
+    meta = json.loads((root / lineage["stages"][0]["checkpoint"] / "meta.json").read_text())
+    assert meta["precision"] == precision.resolve("auto")
     # Tune's own experiment folder, with TensorBoard event files.
     assert list((root / "deepen").rglob("events.out.tfevents*"))
 

@@ -37,6 +37,7 @@ from runner.growth.variants import select_winner, stage_children, stage_trials, 
 from runner.model import get_spec, train_flops_per_image
 from runner.model.checkpoint import load_checkpoint
 from runner.report import format_report
+from runner.train import precision
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +131,10 @@ def grow(job: JobConfig) -> dict:
     storage.write_bytes(root.join(JOB_FILE),
                         yaml.safe_dump(job.to_dict(), sort_keys=False).encode())
     log.info("each trial: training workers x CPUs x threads %d x %g x %d, batches "
-             "of %d x %d, %g CPUs of augmentation", plan.workers,
+             "of %d x %d, %g CPUs of augmentation; training in %s", plan.workers,
              plan.cpus_per_worker, plan.threads_per_worker, plan.workers,
-             plan.batch_per_worker, plan.aug_cpus)
+             plan.batch_per_worker, plan.aug_cpus,
+             precision.describe(job.train.precision))
     progress = Progress(root, job.name, _planned(job), ray_logs=cluster.logs_dir())
     log.info("run folder %s (live state in %s; Ray's own logs in %s)", root.uri,
              root.join(LIVE).uri, cluster.logs_dir() or "the cluster's log folder")

@@ -169,6 +169,7 @@ def _loop_config(config, context, name, spec, frozen, init) -> dict:
         "epochs": context["epochs"], "budget": context["budget"],
         "lr": config["lr"], "lr_schedule": job["train"]["lr_schedule"],
         "weight_decay": job["train"]["weight_decay"],
+        "precision": job["train"]["precision"],
         "batch_size": plan["batch_per_worker"],
         "views_per_epoch": job["augment"]["views_per_epoch"],
         "threads": plan["threads_per_worker"],

@@ -36,6 +36,7 @@ from runner.evaluate import load_split
 from runner.model import ModelSpec, build_model, train_flops_per_image
 from runner.model.checkpoint import (load_checkpoint, load_newest_intact,
                                      save_checkpoint)
+from runner.train import precision
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,10 @@ def train_loop(config: dict) -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"],
                                  weight_decay=config.get("weight_decay", 0.0))
     flops_per_image = train_flops_per_image(spec)
+    arithmetic = precision.resolve(config.get("precision", "fp32"))
+    if ray.train.get_context().get_world_rank() == 0:
+        log.info("%s: training in %s", config.get("trial", "trial"),
+                 precision.describe(config.get("precision", "fp32")))
 
     stream = _batches(config)
     per_epoch = config["train_images"] * config["views_per_epoch"] / _world_size()
@@ -75,7 +80,7 @@ def train_loop(config: dict) -> None:
         # worker has seen k epochs' worth of images, the last one with the
         # stream.
         until = (epoch + 1 - start_epoch) * per_epoch
-        counts = _train_epoch(model, optimizer, stream, until, frozen)
+        counts = _train_epoch(model, optimizer, stream, until, frozen, arithmetic)
         counts.update(_evaluate(model, config))
         counts = _all_reduce(counts)
         wall = time.perf_counter() - t0
@@ -179,7 +184,7 @@ def _world_size() -> int:
 
 
 def _train_epoch(model, optimizer, stream: _Stream, until: float,
-                 frozen: list) -> dict:
+                 frozen: list, arithmetic: str = "fp32") -> dict:
     """Train on ``stream`` until it has handed out ``until`` images (or ends).
 
     Every worker's share of the stream is the same size and comes in full
@@ -187,7 +192,8 @@ def _train_epoch(model, optimizer, stream: _Stream, until: float,
     steps and DDP's all-reduces pair up. ``frozen`` tensors keep their
     transferred values: their gradients are dropped before the step, so Adam
     skips them. (Turning off requires_grad instead would break DDP, which
-    expects a gradient for every parameter.)
+    expects a gradient for every parameter.) ``arithmetic`` is the resolved
+    ``train.precision``; the loss is taken in float32 either way.
     """
     model.train()
     c = dict.fromkeys(_SUMS, 0.0)
@@ -200,7 +206,9 @@ def _train_epoch(model, optimizer, stream: _Stream, until: float,
         if batch is None:
             break
         x, y = _to_input(batch["image"]), batch["label"].float()
-        logits = model(x).squeeze(1)
+        with precision.autocast(arithmetic):
+            logits = model(x).squeeze(1)
+        logits = logits.float()
         loss = F.binary_cross_entropy_with_logits(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -306,7 +314,8 @@ def _report(metrics: dict, spec, model, epoch: int, totals: dict, config: dict):
         # (runner predict / evaluate) without the run that wrote it.
         save_checkpoint(tmp, spec, state, {
             "epoch": epoch, "totals": totals, "metrics": metrics,
-            "classes": manifest["classes"], "base_size": manifest["base_size"]})
+            "classes": manifest["classes"], "base_size": manifest["base_size"],
+            "precision": precision.resolve(config.get("precision", "fp32"))})
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"epoch-{epoch:03d}")
 
