@@ -61,9 +61,9 @@ def _process_defaults() -> None:
 
 
 def cmd_ingest(args) -> None:
-    from runner.data.ingest import ingest, summary
-    print(summary(ingest(args.data, args.out, base_size=args.base_size,
-                         force=args.force)))
+    from runner.data.ingest import ingest
+    # ingest logs what it did, with the counts, in one line
+    ingest(args.data, args.out, base_size=args.base_size, force=args.force)
 
 
 def cmd_grow(args) -> None:

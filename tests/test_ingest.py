@@ -524,3 +524,28 @@ def test_crash_leftovers_are_cleaned_by_next_ingest(tmp_path, monkeypatch):
     latest = run(root, out, force=True)
     assert [p.name for p in out.iterdir() if p.is_dir()] == [
         latest["shards"]["train"][0].split("/")[0]]
+
+
+def test_a_skip_reason_names_the_file_not_a_memory_buffer(tmp_path):
+    manifest, _, rel = ingest_one(tmp_path, "notes.jpg", b"my notes\n" * 20)
+    [skip] = manifest["skipped"]
+    assert skip["path"] == rel and skip["reason"] == "not_an_image"
+    assert "BytesIO" not in skip["detail"] and " at 0x" not in skip["detail"]
+    assert skip["detail"].startswith("UnidentifiedImageError: ")
+
+
+def test_runner_ingest_says_what_it_did_once(tmp_path):
+    import subprocess
+    import sys
+    data = tmp_path / "images"
+    for split in ("training_set", "test_set"):
+        for cls in ("cats", "dogs"):
+            (data / split / cls).mkdir(parents=True)
+            for src in sorted((DATA / split / cls).iterdir())[:2]:
+                shutil.copy(src, data / split / cls)
+    command = [sys.executable, "-m", "runner.cli", "ingest", str(data), str(tmp_path / "out")]
+    for how in ("ingested", "reused"):
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        said = done.stdout + done.stderr
+        assert said.count("train: cats 2, dogs 2; test: cats 2, dogs 2") == 1, said
+        assert f"72px; {how}" in said

@@ -79,6 +79,7 @@ import io
 import logging
 import multiprocessing
 import os
+import re
 import time
 import uuid
 import warnings
@@ -187,8 +188,10 @@ def ingest(data_root: str, out: str | storage.Location, base_size: int = 72,
 
     previous = None if force else _reusable(out, fingerprint)
     if previous is not None:
-        log.info("reusing shards in %s (fingerprint %s)", out.uri, fingerprint[:12])
-        return {**previous, "reused": True}
+        previous = {**previous, "reused": True}
+        log.info("reusing shards in %s (fingerprint %s): %s", out.uri,
+                 fingerprint[:12], summary(previous))
+        return previous
 
     storage.check_writable(out)
     manifest = _build(root, out, scan, fingerprint, settings)
@@ -695,7 +698,11 @@ def _decode_bytes(data: bytes, base_size: int, max_pixels: int) -> _Outcome:
 
 
 def _describe(err: Exception) -> str:
-    return f"{type(err).__name__}: {err}"[:200]
+    """The error in one short line. Images are decoded from bytes in memory,
+    so PIL names a buffer object where it would name the file; that part is
+    dropped (the skip record names the file)."""
+    text = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(err))
+    return f"{type(err).__name__}: {text}"[:200]
 
 
 def _failure_reason(err: Exception) -> str:

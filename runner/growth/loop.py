@@ -29,7 +29,7 @@ import yaml
 
 from runner import storage
 from runner.config import JobConfig, StageConfig, blame_file
-from runner.data.ingest import ingest, summary
+from runner.data.ingest import ingest
 from runner.errors import RunnerError
 from runner.evaluate import evaluate_checkpoint
 from runner.growth.progress import LIVE, Progress
@@ -66,7 +66,6 @@ def prepare(job: JobConfig) -> tuple[storage.Location, dict]:
     storage.check_writable(root)
     shards = shards_location(job, root)
     manifest = ingest(job.data.root, shards, base_size=job.data.base_size)
-    log.info("data: %s", summary(manifest))
     manifest = dict(manifest, location=shards.uri)
     return root, manifest
 
