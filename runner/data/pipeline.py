@@ -86,13 +86,28 @@ def random_affines(n: int, cfg: AugmentConfig,
 
 def resample(pixels: np.ndarray, theta: torch.Tensor, size: int) -> np.ndarray:
     """Warp (N, H, W, 3) uint8 images by ``theta`` into (N, 3, size, size) uint8."""
-    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float()
-    grid = F.affine_grid(theta, [x.shape[0], 3, size, size], align_corners=False)
+    # Channels first while still uint8: transposing the float copy instead
+    # costs five times as much, and grid_sample is slower on channels-last.
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().float()
     # Reflection keeps rotated corners filled with image content, as Keras'
     # "nearest"/"reflect" fill modes do, instead of black wedges.
-    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection",
-                        align_corners=False)
+    out = F.grid_sample(x, sampling_grid(theta, size), mode="bilinear",
+                        padding_mode="reflection", align_corners=False)
     return out.round_().clamp_(0, 255).to(torch.uint8).numpy()
+
+
+def sampling_grid(theta: torch.Tensor, size: int) -> torch.Tensor:
+    """``F.affine_grid(theta, (N, C, size, size), align_corners=False)``,
+    computed as two multiply-adds per pixel: affine_grid's batched matrix
+    product with an inner size of 3 took a third of the augmentation's time."""
+    centres = (torch.arange(size, dtype=torch.float32) * 2 + 1) / size - 1
+    xs, ys = centres.view(1, 1, size), centres.view(1, size, 1)
+    t = theta.view(-1, 6, 1, 1)
+    grid = torch.empty(len(theta), size, size, 2)
+    for axis in (0, 1):  # x, then y, of the input point for each output pixel
+        a, b, c = t[:, 3 * axis], t[:, 3 * axis + 1], t[:, 3 * axis + 2]
+        torch.add(a * xs, b * ys, out=grid[..., axis]).add_(c)
+    return grid
 
 
 def identity_affines(n: int) -> torch.Tensor:
