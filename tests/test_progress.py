@@ -87,3 +87,14 @@ def test_a_callback_restored_from_a_pickle_reports_to_the_running_driver(tmp_pat
 
 def test_durations_read_as_a_person_would_write_them():
     assert [format_duration(s) for s in (5, 65, 3725)] == ["5s", "1m05s", "1h02m"]
+
+
+def test_stage_titles_count_the_baseline_as_the_progress_lines_do():
+    from runner.config import load_job
+    from runner.growth.loop import stage_title
+    job = load_job("jobs/cats_dogs.yaml")
+    assert [stage_title(job, i) for i in range(4)] == [
+        "stage 1/4 (seed)", "stage 2/4 (deepen)", "stage 3/4 (widen)",
+        "stage 4/4 (baseline)"]
+    job.baseline = False
+    assert stage_title(job, 2) == "stage 3/3 (widen)"

@@ -392,8 +392,8 @@ def test_rerunning_trains_nothing_and_a_lost_stage_is_restored_from_tune(
     with caplog.at_level(logging.INFO):
         again = grow(s3_job(endpoint, cats_dogs_subset))
     assert again["stages"] == json.loads(json.dumps(lineage["stages"]))
-    assert "stage 1 (seed) already done" in caplog.text
-    assert "stage 2 (deepen) already done" in caplog.text
+    assert "stage 1/2 (seed) already done" in caplog.text
+    assert "stage 2/2 (deepen) already done" in caplog.text
 
     # Drop the last stage from the lineage: the rerun runs only that stage,
     # and Tune restores it from its records in the bucket, training nothing.
@@ -405,7 +405,7 @@ def test_rerunning_trains_nothing_and_a_lost_stage_is_restored_from_tune(
     caplog.clear()
     with caplog.at_level(logging.INFO):
         resumed = grow(s3_job(endpoint, cats_dogs_subset))
-    assert "stage 1 (seed) already done" in caplog.text
+    assert "stage 1/2 (seed) already done" in caplog.text
     assert "resuming stage deepen" in caplog.text
     assert keys(client, "grow/deepen/train/") == before
     seed, deepen = resumed["stages"]

@@ -161,15 +161,21 @@ def _planned(job: JobConfig) -> list[tuple]:
     return stages + ([("baseline", 0, 1)] if job.baseline else [])
 
 
+def stage_title(job: JobConfig, index: int) -> str:
+    """"stage 2/4 (deepen)": counted as the progress lines count, the baseline
+    (if any) last."""
+    names = [s.name for s in job.stages] + (["baseline"] if job.baseline else [])
+    return f"stage {index + 1}/{len(names)} ({names[index]})"
+
+
 def _stages(job, lineage, manifest, plan, root, progress, run_stage) -> None:
     done = {s["name"] for s in lineage["stages"]}
     for index, stage in enumerate(job.stages):
         if stage.name in done:
-            log.info("stage %d (%s) already done, skipping", index + 1, stage.name)
+            log.info("%s already done, skipping", stage_title(job, index))
             progress.stage_done(stage.name)
             continue
-        log.info("stage %d/%d (%s): %d epochs per trial", index + 1,
-                 len(job.stages), stage.name, stage.epochs)
+        log.info("%s: %d epochs per trial", stage_title(job, index), stage.epochs)
         progress.stage_started(stage.name, stage.epochs,
                                stage_trials(stage, index, job.train.lr))
         parent = _parent(lineage)
@@ -211,8 +217,9 @@ def _run_baseline(job, lineage, manifest, plan, root, run_stage, progress) -> No
         progress.stage_done("baseline")
         return
     stage = baseline_stage(job, lineage, manifest)
-    log.info("baseline: %s from scratch, budget %.2f TFLOP (up to %d epochs)",
-             stage.model["name"], stage.budget["flops"] / 1e12, stage.epochs)
+    log.info("%s: %s from scratch, budget %.2f TFLOP (up to %d epochs)",
+             stage_title(job, len(job.stages)), stage.model["name"],
+             stage.budget["flops"] / 1e12, stage.epochs)
     progress.stage_started("baseline", stage.epochs, 1)
     trials = run_stage(job, stage, True, None, manifest, plan, root,
                        callbacks=[progress.callback("baseline")])
