@@ -88,6 +88,13 @@ def test_compute_is_counted_per_epoch_and_along_the_path(tiny_run):
         for t in stage["trials"]:
             assert t["compute"]["flops"] > 0 and t["compute"]["cpu_s"] > 0
             assert t["compute"]["flops"] == t["epochs"][-1]["flops"]
+            # Each epoch's training part (data wait + steps, per worker) is
+            # kept apart from its wall time, which adds validation and the
+            # checkpoint.
+            walls = [e["wall_s"] for e in t["epochs"]]
+            for e, wall in zip(t["epochs"], [walls[0]] + [b - a for a, b in
+                                                          zip(walls, walls[1:])]):
+                assert 0 < e["train_s"] < wall
         assert stage["compute"]["flops"] == pytest.approx(
             sum(t["compute"]["flops"] for t in stage["trials"]))
     winner = next(t for t in deepen["trials"] if t["name"] == deepen["winner"])

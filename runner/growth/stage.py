@@ -281,8 +281,8 @@ def trial_record(result, root: storage.Location, stage: str,
     name = trial_name(cfg)
     df = result.metrics_dataframe
     keep = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc",
-            "images_per_s", "data_wait_frac", "flops", "cpu_s", "wall_s",
-            "images_seen", "restarts", "checkpoint_path"]
+            "images_per_s", "data_wait_frac", "train_s", "flops", "cpu_s",
+            "wall_s", "images_seen", "restarts", "checkpoint_path"]
     rows = [] if df is None or "val_acc" not in df else \
         df[[k for k in keep if k in df]].to_dict("records")
     # An epoch trained again after a restart (its checkpoint was lost) is

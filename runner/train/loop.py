@@ -85,7 +85,7 @@ def train_loop(config: dict) -> None:
         counts = _all_reduce(counts)
         wall = time.perf_counter() - t0
         totals = _accumulate(totals, counts, wall, flops_per_image)
-        metrics = _metrics(epoch + 1, counts, totals, wall)
+        metrics = _metrics(epoch + 1, counts, totals, wall, _world_size())
         _report(metrics, spec, model, epoch + 1, totals, config)
         if over_budget(metrics, config.get("budget") or {}):
             break
@@ -275,8 +275,9 @@ def _accumulate(totals: dict, c: dict, wall: float, flops_per_image: float) -> d
             "restarts": totals.get("restarts", 0)}
 
 
-def _metrics(epoch: int, c: dict, totals: dict, wall: float) -> dict:
-    """The flat dict that goes to the log, Tune's CSV/TensorBoard and lineage."""
+def _metrics(epoch: int, c: dict, totals: dict, wall: float, world: int) -> dict:
+    """The flat dict that goes to the log, Tune's CSV/TensorBoard and lineage.
+    ``c`` holds the epoch's counters summed over the ``world`` workers."""
     seen, val_seen = max(c["seen"], 1), max(c["val_seen"], 1)
     busy = c["wait_s"] + c["step_s"]
     return {
@@ -287,6 +288,9 @@ def _metrics(epoch: int, c: dict, totals: dict, wall: float) -> dict:
         "val_acc": c["val_correct"] / val_seen,
         "images_per_s": c["seen"] / max(wall, 1e-9),
         "data_wait_frac": c["wait_s"] / max(busy, 1e-9),
+        # the epoch's training part, per worker: waiting for data plus steps
+        # (the wall time adds validation and the checkpoint)
+        "train_s": busy / world,
         "epoch_wall_s": wall,
         "flops": totals["flops"],
         "cpu_s": totals["cpu_s"],
