@@ -42,10 +42,6 @@ DEFAULT_BASE_SIZE = 72  # px, ingest's default, for checkpoints that do not say
 DEFAULT_VAL_FRACTION = 0.1  # the job default, for checkpoints outside a run
 RUN_DEPTH = 8  # folders to climb from a checkpoint looking for its run
 DRIFT_IMAGES = 256  # as many as a stage measures drift on
-# growth-op parameters (runner.model.growth) that count or index layers,
-# filters or units: whole numbers only
-WHOLE_PARAMS = ("block", "layer", "filters", "index", "units", "after_layer",
-                "kernel", "pool_size")
 
 
 def _process_defaults() -> None:
@@ -517,12 +513,8 @@ def _params(pairs: list[str]) -> dict:
         key, sep, text = pair.partition("=")
         if not sep or not key.strip():
             raise RunnerError(f"--param {pair!r}: expected key=value, e.g. filters=64")
-        key, value = key.strip(), yaml.safe_load(text)
-        if key in WHOLE_PARAMS and (isinstance(value, bool) or
-                                    not isinstance(value, int)):
-            raise RunnerError(f"--param {pair}: {key} must be a whole number, "
-                              f"got {text.strip()!r}")
-        params[key] = value
+        # the op itself checks each value (runner.model.growth)
+        params[key.strip()] = yaml.safe_load(text)
     return params
 
 

@@ -258,8 +258,8 @@ def test_a_fractional_count_param_names_the_param(ckpt, tmp_path, capsys):
     line = one_line_error(capsys, "transfer", "--from", ckpt, "--op", "widen_conv",
                           "--param", "block=0", "--param", "layer=0",
                           "--param", "filters=1.5", "--out", out)
-    assert line == ("runner: error: --param filters=1.5: filters must be a whole "
-                    "number, got '1.5'")
+    assert line == ("runner: error: widen_conv filters must be a whole number, "
+                    "got 1.5")
     assert not out.exists()
 
 

@@ -314,6 +314,14 @@ def test_check_compatible_lists_every_problem():
     ("deepen_conv", {"block": 0, "after_layer": 0, "kernel": 2}, "odd"),
     ("deepen_block", {"filters": 8}, "filters must be >="),
     ("deepen_block", {"pool_size": 64}, "pools the image to nothing"),
+    ("widen_conv", {"block": 0, "layer": 0, "filters": 64.5},
+     "widen_conv filters must be a whole number, got 64.5"),
+    ("widen_dense", {"index": 0, "units": True}, "units must be a whole number"),
+    ("deepen_conv", {"block": 0, "after_layer": 0, "kernel": 2.5},
+     "deepen_conv kernel must be a whole number, got 2.5"),
+    ("deepen_block", {"pool_size": 1.5}, "deepen_block pool_size must be a whole number"),
+    ("deepen_block", {"kernel": "3"}, "deepen_block kernel must be a whole number"),
+    ("deepen_block", {"filters": 64.0}, "deepen_block filters must be a whole number"),
 ])
 def test_apply_op_refuses_clearly(name, params, match):
     spec, sd = classifier_1(), parent_weights(classifier_1())

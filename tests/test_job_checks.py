@@ -211,7 +211,7 @@ def refused_before_run(tmp_path, path, *words, overrides=(), blamed=True) -> str
     ("stages.2.variants.0.block", 5,
      ["stages[2] (widen).variants[0]", "block must be an index in 0..1, got 5"]),
     ("stages.2.variants.0.filters", 64.5,
-     ["stages[2] (widen).variants[0]", "filters must be more, got 64.5"]),
+     ["stages[2] (widen).variants[0]", "widen_conv filters must be a whole number, got 64.5"]),
     ("stages.2.variants.1.units", -5, ["variants[1]", "units must be more, got -5"]),
     ("stages.2.variants.2.after_layer", 0.5, ["variants[2]", "after_layer"]),
     ("stages.1.variants.2", {"op": "deepen_block", "filters": 16},
@@ -223,7 +223,7 @@ def refused_before_run(tmp_path, path, *words, overrides=(), blamed=True) -> str
     ("stages.1.variants.2", {"op": "deepen_block", "lr": []},
      ["variants[2]", "unknown parameter(s) lr"]),
     ("stages.2.variants.3.steps.1.units", 12.5,
-     ["stages[2] (widen).variants[3]", "units must be more, got 12.5"]),
+     ["stages[2] (widen).variants[3]", "widen_dense units must be a whole number, got 12.5"]),
 ])
 def test_a_variant_that_does_not_build_is_refused_before_the_run(
         tmp_path, dotted, value, words):

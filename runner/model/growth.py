@@ -169,6 +169,13 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _check_whole(what: str, value) -> None:
+    """Counts and sizes (filters, units, kernel, pool_size) are whole numbers;
+    said before any comparison, so 64.5 filters is not called "too few"."""
+    if not _is_int(value):
+        raise RunnerError(f"{what} must be a whole number, got {value!r}")
+
+
 def _check_index(what: str, value, size: int) -> None:
     if not _is_int(value) or not 0 <= value < size:
         raise RunnerError(f"{what} must be an index in 0..{size - 1}, got {value!r}")
@@ -296,7 +303,8 @@ def widen_conv(spec, sd, block, layer, filters, noise=0.0, rng=None):
     _check_index("widen_conv block", block, len(spec.blocks))
     _check_index("widen_conv layer", layer, len(spec.blocks[block].convs))
     conv = spec.blocks[block].convs[layer]
-    if not _is_int(filters) or filters <= conv.filters:
+    _check_whole("widen_conv filters", filters)
+    if filters <= conv.filters:
         raise RunnerError(f"widen_conv: block {block} layer {layer} has "
                           f"{conv.filters} filters; filters must be more, "
                           f"got {filters!r}")
@@ -315,7 +323,8 @@ def widen_dense(spec, sd, index, units, noise=0.0, rng=None):
     check_compatible(spec, sd)
     _check_index("widen_dense index", index, len(spec.dense))
     old = spec.dense[index]
-    if not _is_int(units) or units <= old:
+    _check_whole("widen_dense units", units)
+    if units <= old:
         raise RunnerError(f"widen_dense: head.{index} has {old} units; "
                           f"units must be more, got {units!r}")
     dense = list(spec.dense)
@@ -370,6 +379,7 @@ def deepen_conv(spec, sd, block, after_layer, kernel=3, rng=None):
     _check_index("deepen_conv block", block, len(spec.blocks))
     old = spec.blocks[block]
     _check_index("deepen_conv after_layer", after_layer, len(old.convs))
+    _check_whole("deepen_conv kernel", kernel)
     channels = old.convs[after_layer].filters
     convs = list(old.convs)
     convs.insert(after_layer + 1, ConvLayer(channels, kernel))
@@ -421,8 +431,12 @@ def deepen_block(spec, sd, filters=None, pool="max", pool_size=2, kernel=3,
     if not spec.blocks:
         # the raw input may be negative, so an identity conv + ReLU is not exact
         raise RunnerError("deepen_block needs a spec with at least one conv block")
+    for name, value in (("kernel", kernel), ("pool_size", pool_size)):
+        _check_whole(f"deepen_block {name}", value)
+    if filters is not None:
+        _check_whole("deepen_block filters", filters)
     channels = feature_shape(spec)[0]
-    if filters is not None and (not _is_int(filters) or filters < channels):
+    if filters is not None and filters < channels:
         raise RunnerError(f"deepen_block: filters must be >= the last block's "
                           f"{channels} channels, got {filters!r}")
     bn = spec.blocks[-1].batchnorm if batchnorm is None else batchnorm
