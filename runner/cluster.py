@@ -96,6 +96,7 @@ def connect(job: JobConfig) -> float:
             address = "auto"
         kwargs = {} if address else {"num_cpus": job.ray.num_cpus}
         if not address:
+            warn_oversubscribed(job.ray.num_cpus)
             keep_idle_workers(job.ray.num_cpus or os.cpu_count() or 1)
         # The driver prints its own progress line per epoch (runner.growth.
         # progress); the workers' own output stays in Ray's log files
@@ -109,6 +110,16 @@ def connect(job: JobConfig) -> float:
              ray.get_runtime_context().gcs_address, cpus,
              len([n for n in ray.nodes() if n["Alive"]]), _dashboard())
     return cpus
+
+
+def warn_oversubscribed(num_cpus: int | None) -> None:
+    """Say so when a Ray we start is told of more CPUs than the machine has:
+    Ray then schedules that many CPUs' worth of workers on fewer cores."""
+    cores = os.cpu_count() or 1
+    if num_cpus and num_cpus > cores:
+        log.warning("ray.num_cpus %d is more than this machine's %d cores: trials "
+                    "are planned for %d CPUs and their workers will share the "
+                    "cores, each step slower", num_cpus, cores, num_cpus)
 
 
 def _dashboard() -> str:

@@ -17,3 +17,16 @@ def test_a_setting_of_the_users_own_is_kept(monkeypatch):
     monkeypatch.setenv(IDLE_WORKERS_ENV, "3")
     keep_idle_workers(2)
     assert os.environ[IDLE_WORKERS_ENV] == "3"
+
+
+def test_a_local_ray_of_more_cpus_than_cores_is_warned_about(caplog):
+    from runner.cluster import warn_oversubscribed
+    cores = os.cpu_count()
+    with caplog.at_level("WARNING", logger="runner.cluster"):
+        warn_oversubscribed(None)
+        warn_oversubscribed(cores)
+        assert not caplog.records
+        warn_oversubscribed(cores + 6)
+    [record] = caplog.records
+    assert record.getMessage().startswith(
+        f"ray.num_cpus {cores + 6} is more than this machine's {cores} cores")
