@@ -226,10 +226,8 @@ def _in_run(checkpoint: str, lineage: dict, loc) -> str:
     """A checkpoint the lineage names, re-rooted at the run folder as given:
     the lineage names its checkpoints under the root it was written in, which
     a copied or moved run folder no longer is."""
-    written = str(lineage.get("storage") or "").rstrip("/")
-    if written and checkpoint.startswith(written + "/"):
-        return loc.uri.rstrip("/") + checkpoint[len(written):]
-    return checkpoint
+    from runner.report import rerooted
+    return rerooted(checkpoint, lineage.get("storage"), loc.uri)
 
 
 def _run_lineage(loc) -> dict | None:

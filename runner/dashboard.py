@@ -52,6 +52,7 @@ import pyarrow.fs as pafs
 from runner import storage
 from runner.errors import RunnerError
 from runner.growth.variants import best_epoch
+from runner.report import rerooted
 from runner.report_html import (
     COLORS,
     CSS,
@@ -119,6 +120,10 @@ def state_from(read: tuple) -> dict:
     lin, lin_err, live, live_err, uri = read
     errors = [e for e in (lin_err, live_err) if e]
     lineage, current = _parse(LINEAGE, lin, errors), _parse(LIVE, live, errors)
+    # a copied or moved run folder shows its own paths
+    written = (lineage or {}).get("storage") or (current or {}).get("storage")
+    if isinstance(written, str):
+        lineage, current = rerooted(lineage, written, uri), rerooted(current, written, uri)
     if lin is None and live is None and not errors:
         errors.append(f"no {LINEAGE} or {LIVE} under {uri} yet: the run has "
                       "not reached its first stage, or this is not a run folder")

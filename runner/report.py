@@ -64,13 +64,35 @@ def format_report(lineage: dict) -> str:
 
 
 def load_lineage(run: str) -> dict:
-    """A run's lineage.json, refused by name if it is not one."""
-    loc = storage.resolve(run).join("lineage.json")
+    """A run's lineage.json, refused by name if it is not one, with its paths
+    re-rooted at ``run`` (see :func:`rerooted`)."""
+    root = storage.resolve(run)
+    loc = root.join("lineage.json")
     lineage = storage.read_json(loc)
     keys = ("run", "storage", "data", "stages")
     if not isinstance(lineage, dict) or any(k not in lineage for k in keys):
         raise RunnerError(f"{loc.uri}: not a runner lineage (needs {', '.join(keys)})")
-    return lineage
+    return rerooted(lineage, lineage["storage"], root.uri)
+
+
+def rerooted(obj, written, root: str):
+    """``obj`` (a lineage, or any JSON value) with every path under
+    ``written``, the storage root the run was written in, moved under
+    ``root``, where it is read from now: a copied or moved run folder then
+    names its own checkpoints, not the ones it was copied from."""
+    written = str(written or "").rstrip("/")
+    root = root.rstrip("/")
+    if not written or written == root:
+        return obj
+    if isinstance(obj, str):
+        if obj == written or obj.startswith(written + "/"):
+            return root + obj[len(written):]
+        return obj
+    if isinstance(obj, dict):
+        return {k: rerooted(v, written, root) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [rerooted(v, written, root) for v in obj]
+    return obj
 
 
 def report(run: str) -> str:

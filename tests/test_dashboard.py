@@ -662,3 +662,13 @@ def test_the_page_follows_a_real_growth_run(growth_run, serve, page):
     assert not (growth_run.root / "lineage.json").exists()
     live = json.loads((growth_run.root / "live.json").read_text())
     assert live["state"] == "interrupted"
+
+
+def test_a_moved_run_folder_is_shown_with_its_own_paths(tmp_path):
+    write(tmp_path, "lineage.json", {"run": "demo", "storage": "/runs/gone",
+                                     "stages": [dict(SEED, checkpoint="/runs/gone/seed/x")],
+                                     "finished": False})
+    state = state_of(tmp_path)
+    assert state["storage"] == str(tmp_path)
+    assert state["stages"][0]["checkpoint"] == f"{tmp_path}/seed/x"
+    assert "/runs/gone" not in json.dumps(state)

@@ -51,3 +51,17 @@ def test_epochs_missing_from_tunes_results_come_back_from_their_checkpoints(tmp_
     assert [(e["epoch"], e["val_acc"]) for e in epochs] == [(1, .61), (2, .64), (3, .66)]
     assert epochs[0]["checkpoint_path"] == storage.resolve(
         str(trial_dir / "epoch-001")).uri
+
+
+def test_a_moved_run_folder_reports_its_own_paths(tmp_path):
+    import json
+
+    from runner.report import report
+    seed = stage(1, "seed", [trial("a", "scratch", [.6, .7], 40)], "a", None)
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "lineage.json").write_text(json.dumps(lineage(seed)))
+    text = report(str(moved))
+    assert "/runs/demo" not in text
+    assert f"run demo at {moved}\n" in text
+    assert f"checkpoint {moved}/a/epoch-002" in text
