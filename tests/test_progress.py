@@ -98,3 +98,20 @@ def test_stage_titles_count_the_baseline_as_the_progress_lines_do():
         "stage 4/4 (baseline)"]
     job.baseline = False
     assert stage_title(job, 2) == "stage 3/3 (widen)"
+
+
+def test_a_restarted_trial_is_said_on_the_console(tmp_path, caplog):
+    p = _progress(tmp_path, baseline=False)
+    p.stage_started("seed", 2, 1)
+    p.trial_started("seed", "t", CFG)
+    with caplog.at_level(logging.INFO, logger="runner.progress"):
+        p.trial_result("seed", "t", CFG, dict(_epoch(1), restarts=0))
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        p.trial_result("seed", "t", CFG, dict(_epoch(2), restarts=1))
+        p.trial_result("seed", "t", CFG, dict(_epoch(1), restarts=2))
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warned == [
+        "[1/2 seed] trial t restarted (restart 1): went on after epoch 1 from "
+        "its checkpoint",
+        "[1/2 seed] trial t restarted (restart 2): started over from its first "
+        "weights (no readable checkpoint of its own; the worker log says why)"]

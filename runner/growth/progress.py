@@ -111,6 +111,7 @@ class Progress:
         t = self.trial(stage, name, config)
         t["status"] = "RUNNING"
         epoch = {k: result[k] for k in EPOCH_KEYS if k in result}
+        self._say_restart(stage, t, epoch)
         t["epochs"] = [e for e in t["epochs"] if e.get("epoch") != epoch.get("epoch")]
         t["epochs"].append(epoch)
         wall = result.get("epoch_wall_s")
@@ -120,6 +121,22 @@ class Progress:
                 self._startup_s.append(max(0.0, time.time() - t["started"] - wall))
         self._write()
         log.info("%s", self._line(stage, t, epoch))
+
+    def _say_restart(self, stage: str, trial: dict, epoch: dict) -> None:
+        """A trial's workers restarted since its last result (a worker or node
+        lost, or the run resumed): say where it went on from, on the console,
+        since what the workers log stays in Ray's log files."""
+        before = max((e.get("restarts") or 0 for e in trial["epochs"]), default=0)
+        now = epoch.get("restarts") or 0
+        if now <= before:
+            return
+        n = epoch.get("epoch", 1)
+        where = (f"went on after epoch {n - 1} from its checkpoint" if n > 1 else
+                 "started over from its first weights (no readable checkpoint "
+                 "of its own; the worker log says why)")
+        log.warning("[%s/%d %s] trial %s restarted (restart %d): %s",
+                    self.stage(stage)["index"], len(self.state["stages"]), stage,
+                    trial["name"], now, where)
 
     def trial_ended(self, stage: str, name: str, config: dict, status: str) -> None:
         self.trial(stage, name, config)["status"] = status
