@@ -35,8 +35,10 @@ MAX_SEED = 2**63 - 1
 GROWTH_OPS = ("widen_conv", "widen_dense", "deepen_conv", "deepen_block",
               "plain_copy", "fresh", "combine")
 COMBINED_OPS = GROWTH_OPS[:4]  # what a `combine` variant's steps may be
-# Folders of the run root that are not stages: the data shards, the baseline.
-RESERVED_FOLDERS = ("data", "baseline")
+# Names in the run root that are not stages: the data shards, the baseline,
+# the run's own files, evaluate's shards and report --html's default page.
+RESERVED_NAMES = ("data", "baseline", "lineage.json", "live.json", "job.yaml",
+                  "eval-data", "report.html")
 
 
 @dataclass
@@ -265,10 +267,10 @@ class JobConfig:
         if len(set(names)) != len(names):
             raise RunnerError(f"stage names must be unique, got {names}")
         for i, name in enumerate(names):
-            if name in RESERVED_FOLDERS:
+            if name in RESERVED_NAMES:
                 raise RunnerError(f"stages[{i}].name {name!r} is taken: the run "
-                                  f"folder keeps {' and '.join(RESERVED_FOLDERS)} "
-                                  "of its own")
+                                  f"folder keeps {', '.join(RESERVED_NAMES)} of "
+                                  "its own")
         return self
 
     def to_dict(self) -> dict:
@@ -443,6 +445,16 @@ def load_job(path: str, overrides: list[str] = ()) -> JobConfig:
         raise RunnerError(_blame(path, raw, overrides, err)) from err
     job.source, job.overrides = path, tuple(overrides)
     return job
+
+
+def with_defaults(raw: dict) -> dict:
+    """A job dict (a run's stored job.yaml) as this runner reads a job file:
+    settings it lacks get their defaults; one this runner no longer reads
+    comes back as it was given."""
+    try:
+        return _job(copy.deepcopy(raw), ()).to_dict()
+    except RunnerError:
+        return raw
 
 
 def blame_file(job: JobConfig, err: RunnerError, check) -> RunnerError:

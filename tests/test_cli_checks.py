@@ -114,6 +114,22 @@ def test_changes_are_named_by_dotted_path_and_added_items_whole():
     assert job_changes(before, elsewhere) == []
 
 
+def test_a_run_written_before_a_setting_existed_resumes_at_its_default(
+        tmp_path, cats_dogs_subset):
+    """A job.yaml from an older runner lacks the settings added since; it is
+    read as this runner reads a job file, defaults filled in, so upgrading
+    in the middle of a run does not lose the run."""
+    import yaml
+    job = load_job(JOB, settings(tmp_path, cats_dogs_subset))
+    older = job.to_dict()
+    del older["train"]["precision"]
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(older, sort_keys=False))
+    check_resume(job)
+    other = load_job(JOB, settings(tmp_path, cats_dogs_subset) + ["train.precision=fp32"])
+    with pytest.raises(RunnerError, match=r"\(train.precision: auto -> fp32\)"):
+        check_resume(other)
+
+
 def test_a_job_yaml_that_is_not_a_job_is_named(tmp_path, cats_dogs_subset):
     (tmp_path / "job.yaml").write_text("[1, 2]\n")
     with pytest.raises(RunnerError, match=f"{tmp_path}/job.yaml is not a job"):

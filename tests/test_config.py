@@ -61,6 +61,14 @@ def test_unknown_nested_key(tmp_path):
     ("ray.num_cpus=0", "ray.num_cpus must be a positive whole"),
     ("seed=1.5", "seed must be a whole number, 0 or more"),
     ("seed=-1", "seed must be a whole number, 0 or more"),
+    # names the run folder keeps for its own files and folders
+    ("stages.1.name=data", r"stages\[1\].name 'data' is taken"),
+    ("stages.0.name=baseline", "'baseline' is taken"),
+    ("stages.0.name=lineage.json", r"stages\[0\].name 'lineage.json' is taken"),
+    ("stages.0.name=live.json", "'live.json' is taken"),
+    ("stages.0.name=job.yaml", "'job.yaml' is taken"),
+    ("stages.0.name=report.html", "'report.html' is taken"),
+    ("stages.0.name=eval-data", "'eval-data' is taken"),
 ])
 def test_bad_values_are_refused_by_name(tmp_path, override, words):
     with pytest.raises(RunnerError, match=words):

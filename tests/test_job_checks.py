@@ -298,3 +298,18 @@ def test_an_image_size_the_first_model_does_not_take_is_refused_before_the_run(
 def test_a_seed_torch_cannot_take_is_refused(tmp_path):
     refused(job_file(tmp_path, setting("seed", 2**63)), "seed must be at most")
     load_job(job_file(tmp_path, setting("seed", 2**63 - 1)))
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["train.cpus_per_worker=2"], ["a trial needs 2.5 CPUs", "has 2"]),
+    (["augment.cpus=2"], ["a trial needs", "but the Ray cluster has 2"]),
+    (["train.workers=2", "train.cpus_per_worker=1"], ["a trial needs 2.5 CPUs"]),
+])
+def test_a_cpu_plan_the_local_ray_cannot_hold_is_refused_before_ingest(
+        tmp_path, monkeypatch, overrides, words):
+    """With no cluster to join, the local Ray a run would start has
+    ray.num_cpus CPUs: a plan that does not fit is known before the data is
+    ingested or Ray started."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    refused_before_run(tmp_path, job_file(tmp_path), *words,
+                       overrides=["ray.num_cpus=2", *overrides], blamed=False)

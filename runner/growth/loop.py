@@ -22,13 +22,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import tempfile
 import time
 
 import yaml
 
 from runner import storage
-from runner.config import JobConfig, StageConfig, blame_file
+from runner.config import JobConfig, StageConfig, blame_file, with_defaults
 from runner.data.ingest import ingest
 from runner.errors import RunnerError
 from runner.evaluate import evaluate_checkpoint
@@ -62,12 +63,26 @@ def prepare(job: JobConfig) -> tuple[storage.Location, dict]:
     ingest."""
     check_growth(job)
     check_resume(job)
+    check_local_plan(job)
     root = storage.resolve(job.storage)
     storage.check_writable(root)
     shards = shards_location(job, root)
     manifest = ingest(job.data.root, shards, base_size=job.data.base_size)
     manifest = dict(manifest, location=shards.uri)
     return root, manifest
+
+
+def check_local_plan(job: JobConfig) -> None:
+    """With no cluster to join, the run will start a local Ray of
+    ``ray.num_cpus`` (or all) CPUs: a CPU plan that cannot fit it is refused
+    now, not after the ingest and Ray's start. (A cluster's CPUs are known
+    only once joined; :func:`grow` checks the plan again there.)"""
+    import ray
+
+    from runner import cluster, resources
+    if ray.is_initialized() or cluster.find_address(job.ray.address):
+        return
+    resources.plan(job, job.ray.num_cpus or os.cpu_count() or 1, 1)
 
 
 def check_growth(job: JobConfig) -> None:
@@ -268,7 +283,9 @@ def check_resume(job: JobConfig) -> None:
             f"{root.join(LINEAGE).uri} holds a run with other stages; use another "
             "storage root or remove that run")
     stored = _stored_job(root, lineage)
-    changes = job_changes(stored, job.to_dict()) if stored is not None else []
+    # a run written before a setting existed goes on at its default
+    changes = (job_changes(with_defaults(stored), job.to_dict())
+               if stored is not None else [])
     if changes:
         more = len(changes) - SHOWN_CHANGES
         shown = ", ".join(changes[:SHOWN_CHANGES]) + \
