@@ -56,11 +56,15 @@ def find_address(configured: str | None = None) -> str | None:
 
 def check_reachable(address: str | None, where: str) -> None:
     """Refuse at once, naming ``address`` and where it was given (``where``),
-    when it is a ``host:port`` with a port that is no number or where nothing
-    listens: ``ray.init`` would retry such an address for minutes. Forms Ray
-    resolves itself ("auto", None) pass unprobed."""
+    when it lacks a port, has a port that is no number, or nothing listens
+    there: ``ray.init`` would fail on such an address only after the data is
+    ingested, or retry it for minutes. Forms Ray resolves itself ("auto",
+    "local", None) pass unprobed."""
     host, sep, port = (address or "").split("://")[-1].rstrip("/").rpartition(":")
     if not sep:
+        if address and address not in ("auto", "local"):
+            raise RunnerError(f"Ray address {address} ({where}): no port; give it "
+                              "as HOST:PORT (e.g. 127.0.0.1:6379), or auto")
         return
     if not (port.isdigit() and 0 < int(port) < 65536):
         raise RunnerError(f"Ray address {address} ({where}): {port!r} is not a "

@@ -352,6 +352,19 @@ def check_storage(ctx: Context) -> list[Check]:
     return [(OK, text)]
 
 
+def check_resume(ctx: Context) -> list[Check]:
+    """A run already under the storage root is one this job may resume: the
+    same refusal `runner grow` gives before it touches anything."""
+    from runner.growth.loop import check_resume as refuse_changed
+    if ctx.job is None:
+        return []
+    try:
+        refuse_changed(ctx.job)
+    except RunnerError as err:
+        return [(FAIL, str(err))]
+    return []
+
+
 def _existing(path: str) -> str:
     while not os.path.exists(path):
         path = os.path.dirname(path)
@@ -547,7 +560,7 @@ def _default_store() -> int | None:
 # --- the runner -------------------------------------------------------------------
 
 CHECKS = (check_versions, check_threads, check_job, check_ray, check_dashboard,
-          check_storage, check_data, check_init, check_growth, check_plan,
+          check_storage, check_resume, check_data, check_init, check_growth, check_plan,
           check_precision, check_shm)
 
 

@@ -30,3 +30,15 @@ def test_a_local_ray_of_more_cpus_than_cores_is_warned_about(caplog):
     [record] = caplog.records
     assert record.getMessage().startswith(
         f"ray.num_cpus {cores + 6} is more than this machine's {cores} cores")
+
+
+def test_an_address_without_a_port_is_refused_at_once():
+    import pytest
+
+    from runner.cluster import check_reachable
+    from runner.errors import RunnerError
+    for ok in (None, "", "auto", "local"):
+        check_reachable(ok, "--address")
+    with pytest.raises(RunnerError, match=r"Ray address 127.0.0.1 \(--address\): "
+                                          "no port; give it as HOST:PORT"):
+        check_reachable("127.0.0.1", "--address")

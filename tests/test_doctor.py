@@ -292,3 +292,17 @@ def test_the_training_precision_is_said_and_forced_bf16_without_it_warns(monkeyp
     [(status, text)] = checked(check_precision, JOB, "train.precision=bf16")
     assert status == "warn" and "emulated, slower than fp32" in text
     assert text.endswith(f"set train.precision to auto or fp32 in {JOB}")
+
+
+def test_a_job_changed_against_the_run_in_its_storage_root_fails(data, tmp_path):
+    import yaml
+
+    from runner.config import load_job
+    from runner.doctor import check_resume
+    job = load_job(str(JOB), [f"storage={tmp_path}", f"data.root={data}"])
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job.to_dict(), sort_keys=False))
+    assert checked(check_resume, JOB, f"storage={tmp_path}", f"data.root={data}") == []
+    [(status, text)] = checked(check_resume, JOB, f"storage={tmp_path}",
+                               f"data.root={data}", "train.precision=fp32")
+    assert status == "FAIL" and "(train.precision: auto -> fp32)" in text
+    assert text.startswith(f"{tmp_path} holds a run started with other settings")

@@ -101,6 +101,8 @@ def test_from_dict_names_unknown_and_invalid_fields():
     d["blocks"][0]["pool"] = "median"
     with pytest.raises(RunnerError, match="pool must be one of max, avg, none"):
         ModelSpec.from_dict(d)
+    with pytest.raises(RunnerError, match="field 'blocks' must be a list, got 3"):
+        ModelSpec.from_dict({"name": "x", "blocks": 3})
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -117,7 +117,11 @@ class ModelSpec:
     def from_dict(cls, d: dict) -> "ModelSpec":
         """Inverse of :meth:`to_dict`; names unknown or invalid fields."""
         d = _known_fields(cls, d, "model spec")
-        blocks = [_block_from_dict(b, i) for i, b in enumerate(d.pop("blocks", []))]
+        raw_blocks = d.pop("blocks", [])
+        if not isinstance(raw_blocks, (list, tuple)):
+            raise RunnerError(f"model spec field 'blocks' must be a list, got "
+                              f"{raw_blocks!r}")
+        blocks = [_block_from_dict(b, i) for i, b in enumerate(raw_blocks)]
         dense = d.pop("dense", (128,))
         if not isinstance(dense, (list, tuple)):
             raise RunnerError(f"model spec field 'dense' must be a list, got {dense!r}")
