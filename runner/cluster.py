@@ -101,7 +101,7 @@ def connect(job: JobConfig) -> float:
         kwargs = {} if address else {"num_cpus": job.ray.num_cpus}
         if not address:
             warn_oversubscribed(job.ray.num_cpus)
-            keep_idle_workers(job.ray.num_cpus or os.cpu_count() or 1)
+            keep_idle_workers(local_cpus(job))
         # The driver prints its own progress line per epoch (runner.growth.
         # progress); the workers' own output stays in Ray's log files
         # (logs_dir) instead of flooding the console.
@@ -114,6 +114,11 @@ def connect(job: JobConfig) -> float:
              ray.get_runtime_context().gcs_address, cpus,
              len([n for n in ray.nodes() if n["Alive"]]), _dashboard())
     return cpus
+
+
+def local_cpus(job: JobConfig) -> int:
+    """CPUs of the local Ray a run of ``job`` starts when it joins none."""
+    return job.ray.num_cpus or os.cpu_count() or 1
 
 
 def warn_oversubscribed(num_cpus: int | None) -> None:

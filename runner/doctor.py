@@ -458,15 +458,11 @@ def check_growth(ctx: Context) -> list[Check]:
     checks before it starts). Skipped when an ``init:`` checkpoint did not
     load: its line above says why."""
     from runner.growth.loop import check_growth as grow_on_paper
-    from runner.growth.variants import stage_children
     job = ctx.job
     if job is None or not job.stages or (job.stages[0].init and ctx.init_spec is None):
         return []
     try:
-        if ctx.init_spec is not None:
-            stage_children(job.stages, ctx.init_spec, job.seed)
-        else:
-            grow_on_paper(job)
+        grow_on_paper(job, ctx.init_spec)  # the loaded init: spec, if any
     except RunnerError as err:
         return [(FAIL, f"{err}; fix it in {ctx.job_path}")]
     variants = sum(len(s.variants) for s in job.stages[1:])

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import tempfile
 import time
 
@@ -35,7 +34,7 @@ from runner.errors import RunnerError
 from runner.evaluate import evaluate_checkpoint
 from runner.growth.progress import LIVE, Progress
 from runner.growth.variants import select_winner, stage_children, stage_trials, verdict
-from runner.model import get_spec, train_flops_per_image
+from runner.model import ModelSpec, get_spec, train_flops_per_image
 from runner.model.checkpoint import load_checkpoint
 from runner.report import format_report
 from runner.train import precision
@@ -82,35 +81,41 @@ def check_local_plan(job: JobConfig) -> None:
     from runner import cluster, resources
     if ray.is_initialized() or cluster.find_address(job.ray.address):
         return
-    resources.plan(job, job.ray.num_cpus or os.cpu_count() or 1, 1)
+    resources.plan(job, cluster.local_cpus(job), 1)
 
 
-def check_growth(job: JobConfig) -> None:
+def check_growth(job: JobConfig, first_spec: ModelSpec | None = None) -> None:
     """Build every stage on paper (see ``variants.stage_children``) from the
-    first stage's model: a spec name or file that must exist, or the spec of
-    its ``init:`` checkpoint. Errors name the setting, and the job file when
-    the file holds the mistake (not only a --set override)."""
+    first stage's model: ``first_spec`` when the caller has it already, else
+    a spec name or file that must exist, or the spec of its ``init:``
+    checkpoint. Errors name the setting, and the job file when the file holds
+    the mistake (not only a --set override)."""
     try:
-        _grow_on_paper(job)
+        _grow_on_paper(job, first_spec)
     except RunnerError as err:
-        raise blame_file(job, err, _grow_on_paper) from err
+        raise blame_file(job, err, lambda j: _grow_on_paper(j, first_spec)) from err
 
 
-def _grow_on_paper(job: JobConfig) -> None:
+def _grow_on_paper(job: JobConfig, spec: ModelSpec | None = None) -> None:
     first = job.stages[0]
-    if first.init:
-        spec = check_init(first.init)
-    else:
-        try:
-            spec = get_spec(first.model)
-        except RunnerError as err:
-            raise RunnerError(f"stages[0] ({first.name}).model: {err}") from err
+    spec = spec or _first_spec(first)
     if spec.input_size != job.data.image_size:
         raise RunnerError(
             f"data.image_size {job.data.image_size} does not fit stages[0] "
             f"({first.name}): {spec.name} takes {spec.input_size}x{spec.input_size} "
             "images; set data.image_size to that, or start from a model of that size")
     stage_children(job.stages, spec, job.seed)
+
+
+def _first_spec(first: StageConfig) -> ModelSpec:
+    """The first stage's model: its ``init:`` checkpoint's spec, else its
+    ``model:`` spec name or file."""
+    if first.init:
+        return check_init(first.init)
+    try:
+        return get_spec(first.model)
+    except RunnerError as err:
+        raise RunnerError(f"stages[0] ({first.name}).model: {err}") from err
 
 
 def check_init(checkpoint: str):

@@ -60,10 +60,11 @@ def train_loop(config: dict) -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"],
                                  weight_decay=config.get("weight_decay", 0.0))
     flops_per_image = train_flops_per_image(spec)
-    arithmetic = precision.resolve(config.get("precision", "fp32"))
+    setting = config.get("precision", "fp32")
+    arithmetic = precision.resolve(setting)
     if ray.train.get_context().get_world_rank() == 0:
         log.info("%s: training in %s", config.get("trial", "trial"),
-                 precision.describe(config.get("precision", "fp32")))
+                 precision.describe(setting))
 
     stream = _batches(config)
     per_epoch = config["train_images"] * config["views_per_epoch"] / _world_size()
@@ -86,7 +87,7 @@ def train_loop(config: dict) -> None:
         wall = time.perf_counter() - t0
         totals = _accumulate(totals, counts, wall, flops_per_image)
         metrics = _metrics(epoch + 1, counts, totals, wall, _world_size())
-        _report(metrics, spec, model, epoch + 1, totals, config)
+        _report(metrics, spec, model, epoch + 1, totals, config, arithmetic)
         if over_budget(metrics, config.get("budget") or {}):
             break
 
@@ -302,7 +303,8 @@ def _metrics(epoch: int, c: dict, totals: dict, wall: float, world: int) -> dict
     }
 
 
-def _report(metrics: dict, spec, model, epoch: int, totals: dict, config: dict):
+def _report(metrics: dict, spec, model, epoch: int, totals: dict, config: dict,
+            arithmetic: str):
     ctx = ray.train.get_context()
     if ctx.get_world_rank() != 0:
         ray.train.report(metrics)
@@ -319,7 +321,7 @@ def _report(metrics: dict, spec, model, epoch: int, totals: dict, config: dict):
         save_checkpoint(tmp, spec, state, {
             "epoch": epoch, "totals": totals, "metrics": metrics,
             "classes": manifest["classes"], "base_size": manifest["base_size"],
-            "precision": precision.resolve(config.get("precision", "fp32"))})
+            "precision": arithmetic})
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"epoch-{epoch:03d}")
 

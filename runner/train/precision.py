@@ -2,8 +2,9 @@
 
 ``bf16`` runs the forward pass under torch's CPU autocast (the backward
 pass follows the dtypes the forward chose): convolutions and matrix
-multiplies take bfloat16 inputs and accumulate in float32, while the weights, their gradients, the optimizer state, batch-norm
-statistics and the loss stay float32. No loss scaling is needed (bfloat16
+multiplies take bfloat16 inputs and accumulate in float32, while the
+weights, their gradients, the optimizer state, batch-norm statistics and
+the loss stay float32. No loss scaling is needed (bfloat16
 has float32's exponent range). On a CPU with native bfloat16 dot products
 (AVX512-BF16 or AMX) a step of these networks is about twice as fast as in
 float32; on one without, bfloat16 is emulated and slower than float32.
